@@ -1,0 +1,39 @@
+// The op table: every schema of minqlora's ops, in one place. Kernels register per backend in csrc/cpu and
+// csrc/cuda (TORCH_LIBRARY_IMPL); Python wrappers, fake (meta) kernels and autograd live in minqlora/ops.py.
+// The reference for each op is the function of minqlora/quant.py named beside it.
+//
+// This file also defines the Python module `minqlora._C`, which is empty: importing it loads this library so
+// the static registrations below run. (Pattern of pytorch/extension-cpp.)
+
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(minqlora, m) {
+  // quant.quantize_4bit_ref: x (any shape, f32/f16/bf16) -> packed ((n+1)/2, 1) uint8, absmax (ceil(n/bs),) f32
+  m.def("quantize_4bit(Tensor x, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  // quant.dequantize_ref: decodes packed nibbles with a float32 absmax, or, when nested_absmax is given, with an
+  // absmax of uint8 codes decoded inside the kernel as map[code] * nested_absmax[i / nested_blocksize] + offset.
+  m.def("dequantize_4bit(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
+        "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, "
+        "ScalarType dtype) -> Tensor");
+  // quant.quantize_blockwise_8bit_ref / dequantize_blockwise_8bit_ref: 8-bit codes in a sorted 256-entry map.
+  m.def("quantize_blockwise_8bit(Tensor x, Tensor code_map, int blocksize) -> (Tensor, Tensor)");
+  m.def("dequantize_blockwise_8bit(Tensor codes, Tensor absmax, Tensor code_map, int blocksize, "
+        "ScalarType dtype) -> Tensor");
+  // y = x @ dequant(W)^T, W of shape (N, K) = shape; x (..., K) -> y (..., N) in x's dtype. (Linear4bit forward)
+  m.def("gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
+        "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape) -> Tensor");
+  // grad_x = grad_y @ dequant(W): grad_y (..., N) -> (..., K). (Linear4bit backward; W gets no gradient)
+  m.def("gemm_4bit_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+        "Tensor? nested_map, float nested_offset, int blocksize, int nested_blocksize, str quant_type, "
+        "SymInt[] shape) -> Tensor");
+
+  // ---- optimizer and paging (optim.py) ----
+}

@@ -1,0 +1,171 @@
+"""The only file that touches torch.ops.minqlora: typed wrappers around the compiled ops, their fake (meta)
+implementations for torch.compile, the autograd formula of gemm_4bit, and the public quantize/dequantize API.
+
+The arithmetic lives in csrc/ (kernels) and quant.py (the specification); this file checks arguments in Python
+so bad input fails with a ValueError naming the argument before any kernel runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+from . import quant
+from .quant import QuantState
+
+_ops = torch.ops.minqlora
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake implementations: output shapes and dtypes only, so torch.compile(fullgraph=True) can trace the ops.
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("minqlora::quantize_4bit")
+def _(x, blocksize, quant_type):
+    n = x.numel()
+    return (x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            x.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32))
+
+
+@torch.library.register_fake("minqlora::dequantize_4bit")
+def _(packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type, shape,
+      dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("minqlora::quantize_blockwise_8bit")
+def _(x, code_map, blocksize):
+    n = x.numel()
+    return (x.new_empty((n,), dtype=torch.uint8), x.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32))
+
+
+@torch.library.register_fake("minqlora::dequantize_blockwise_8bit")
+def _(codes, absmax, code_map, blocksize, dtype):
+    return codes.new_empty((codes.numel(),), dtype=dtype)
+
+
+@torch.library.register_fake("minqlora::gemm_4bit")
+def _(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type, shape):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.register_fake("minqlora::gemm_4bit_grad_input")
+def _(grad_y, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type,
+      shape):
+    return grad_y.new_empty((*grad_y.shape[:-1], shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gemm_4bit autograd: grad_x = grad_y · dequant(W); the frozen weight gets no gradient and only the packed weight
+# and its (small) state are saved — never a dequantized copy (QLoRA §3: memory is the point).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _gemm_setup_context(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type, shape = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_map)
+    ctx.args = (nested_offset, blocksize, nested_blocksize, quant_type, shape)
+
+
+def _gemm_backward(ctx, grad_y):
+    packed, absmax, nested_absmax, nested_map = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.gemm_4bit_grad_input(grad_y, packed, absmax, nested_absmax, nested_map, *ctx.args)
+    return (grad_x,) + (None,) * 9
+
+
+torch.library.register_autograd("minqlora::gemm_4bit", _gemm_backward, setup_context=_gemm_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Typed wrappers over the raw ops (argument checks in Python, names in the messages)
+# ---------------------------------------------------------------------------------------------------------------
+
+def quantize_4bit_raw(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """x -> (packed ((n+1)//2, 1) uint8, absmax (B,) float32). Kernel for quant.quantize_4bit_ref."""
+    quant.check_float_input(x)
+    quant.check_blocksize(blocksize)
+    quant.check_quant_type(quant_type)
+    return _ops.quantize_4bit(x, blocksize, quant_type)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code_map: torch.Tensor, blocksize: int = 256):
+    """x -> (codes (n,) uint8, absmax (B,) float32). Kernel for quant.quantize_blockwise_8bit_ref."""
+    quant.check_float_input(x)
+    quant.check_blocksize(blocksize)
+    _check_map(code_map, x.device)
+    return _ops.quantize_blockwise_8bit(x, code_map, blocksize)
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor,
+                              blocksize: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(codes, absmax) -> (n,) of dtype. Kernel for quant.dequantize_blockwise_8bit_ref."""
+    quant.check_blocksize(blocksize)
+    _check_map(code_map, codes.device)
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    if absmax.dtype != torch.float32 or absmax.numel() != -(-codes.numel() // blocksize):
+        raise ValueError(f"absmax must be {-(-codes.numel() // blocksize)} float32 values for {codes.numel()} codes "
+                         f"in blocks of {blocksize}; got {absmax.numel()} of {absmax.dtype}")
+    return _ops.dequantize_blockwise_8bit(codes, absmax, code_map, blocksize, dtype)
+
+
+def _check_map(code_map: torch.Tensor, device: torch.device) -> None:
+    if code_map.dtype != torch.float32 or code_map.numel() != 256:
+        raise ValueError(f"code_map must be 256 float32 values, got {code_map.numel()} of {code_map.dtype}")
+    if code_map.device != device:
+        raise ValueError(f"code_map is on {code_map.device} but the data is on {device}")
+
+
+def _state_args(state: QuantState):
+    """The QuantState fields in the order the 4-bit ops take them, after packed."""
+    return (state.absmax, state.nested_absmax, state.nested_map, float(state.nested_offset), state.blocksize,
+            state.nested_blocksize, state.quant_type, list(state.shape))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The public API (re-exported by minqlora/__init__.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+                  allow_nonfinite: bool = False):
+    """Quantize x (any shape, fp32/fp16/bf16) to 4 bits: returns (packed, QuantState).
+
+    packed is ((n+1)//2, 1) uint8, two codes per byte, in bitsandbytes' layout. With double_quant, the float32
+    absmax vector is itself quantized to 8 bits (QLoRA §3), 4.127 instead of 4.5 bits per parameter. NaN/Inf in x
+    raise ValueError unless allow_nonfinite=True.
+    """
+    packed, absmax = quantize_4bit_raw(x, blocksize, quant_type)
+    if not allow_nonfinite:
+        quant.check_finite_absmax(absmax)
+    state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize, quant_type=quant_type)
+    if double_quant:
+        # Same steps as quant.double_quantize_ref; the mean is torch's, as bitsandbytes', so offsets agree exactly.
+        offset = absmax.mean()
+        state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - offset, quant.DYNAMIC_SIGNED.to(x.device),
+                                                                    quant.NESTED_BLOCKSIZE)
+        state.nested_map = quant.DYNAMIC_SIGNED.to(x.device)
+        state.nested_offset = float(offset)  # one host sync; the offset is a Python float in the bnb JSON
+    return packed, state
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Inverse of quantize_4bit: a tensor of state.shape in `dtype` (default: the original dtype). Double-quantized
+    scales are decoded inside the kernel, not in a separate pass."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    packed = quant.packed_bytes(packed)
+    state.validate(packed)
+    dtype = dtype or state.dtype
+    if dtype not in quant.FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return _ops.dequantize_4bit(packed, *_state_args(state), dtype)
+
+
+def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """y = x · dequant(W)ᵀ for W of state.shape (N, K): x (..., K) -> y (..., N), differentiable in x only."""
+    if x.shape[-1] != state.shape[-1]:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {state.shape[-1]}")
+    return _ops.gemm_4bit(x, packed, *_state_args(state))

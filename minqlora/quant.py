@@ -1,0 +1,452 @@
+"""The specification: 4-bit NF4/FP4 blockwise quantization, 8-bit blockwise (dynamic map) quantization, double
+quantization and the bitsandbytes serialization of the result, in plain PyTorch.
+
+Every C++ and CUDA kernel in csrc/ names the function here that it implements and must produce identical codes.
+This file is written to be read, not to be fast: it runs on any device torch supports and allocates freely.
+It leaves out dispatch to kernels (ops.py), modules (linear4bit.py) and files on disk (checkpoint.py).
+
+Format facts (tables, thresholds, packing, state-dict keys) follow ../shared/reference/bnb-format.md, i.e.
+bitsandbytes 0.50.2, so a tensor quantized here and one quantized by bitsandbytes are byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCKSIZE = 256  # double quantization quantizes the absmax vector in blocks of 256 (QLoRA §3)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Code tables
+# ---------------------------------------------------------------------------------------------------------------
+
+# NF4 (QLoRA §3, "4-bit NormalFloat"): 16 values, sorted, with an exact zero at code 7. These are the canonical
+# float32 constants; nf4_from_normal_quantiles() below shows where they come from.
+NF4_TABLE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+
+# bitsandbytes' FP4: bit 3 is the sign, bits 0..2 index the magnitudes {0, 0.0625, 8, 12, 4, 6, 2, 3} / 12.
+FP4_TABLE = torch.tensor([
+    0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 1 / 2, 1 / 6, 1 / 4,
+    -0.0, -1 / 192, -2 / 3, -1.0, -1 / 3, -1 / 2, -1 / 6, -1 / 4,
+], dtype=torch.float32)
+
+# NF4 thresholds: float32 midpoints of adjacent table values. code = #{i : s > t_i}, so a value exactly on a
+# midpoint takes the LOWER code.
+NF4_THRESHOLDS = (NF4_TABLE[:-1] + NF4_TABLE[1:]) * 0.5
+
+# FP4 thresholds on |s|, as float32. They are bitsandbytes' CUDA literals: 0.583333 is truncated there, so it is
+# not exactly the midpoint of 1/2 and 2/3. The rank r = #{i : |s| > t_i} picks the r-th smallest magnitude, whose
+# 3-bit pattern is FP4_RANK_TO_BITS[r].
+FP4_THRESHOLDS = torch.tensor([0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333],
+                              dtype=torch.float32)
+FP4_RANK_TO_BITS = torch.tensor([0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011], dtype=torch.uint8)
+
+ZERO_CODE = {"nf4": 7, "fp4": 0}  # the code of 0.0; used for all-zero blocks and the pad nibble of odd n
+
+
+def _bits_to_f32(words: str) -> torch.Tensor:
+    ints = [int(w, 16) for w in words.split()]
+    return torch.tensor(ints, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+# The dynamic 8-bit maps (bnb-format.md §3, §6). Signed: 256 values in [-0.99297, 1], 0 at index 127; used for
+# double quantization and Adam's first moment. Unsigned: 256 values in [0, 1]; Adam's second moment.
+# Regenerating them from their recipe is fragile under rounding, so they are stored as float32 bit patterns.
+DYNAMIC_SIGNED = _bits_to_f32("""
+bf7e3333 bf7a999a bf770000 bf736666 bf6fcccd bf6c3333 bf68999a bf650000 bf616666 bf5dcccd bf5a3333 bf56999a bf530000 bf4f6666 bf4bcccd bf483333
+bf44999a bf410000 bf3d6666 bf39cccd bf363334 bf32999a bf2f0000 bf2b6666 bf27cccd bf243334 bf20999a bf1d0000 bf196666 bf15cccd bf123334 bf0e999a
+bf0b0000 bf076666 bf03cccc bf003333 bef93332 bef20000 beeacccc bee3999a bedc6666 bed53333 bece0000 bec6cccc bebf999a beb86666 beb13333 beaa0000
+bea2cccc be9b999a be946666 be8d3334 be860000 be7d9999 be6f3333 be60cccd be526666 be440000 be35999a be273333 be18cccd be0a6666 bdf80000 bddb3334
+bdc9eb85 bdc428f7 bdbe6667 bdb8a3d7 bdb2e148 bdad1eb8 bda75c2a bda1999a bd9bd70a bd96147b bd9051eb bd8a8f5d bd84cccd bd7e147b bd728f5d bd670a3d
+bd5b851f bd500000 bd447ae1 bd38f5c3 bd2d70a3 bd21eb85 bd166667 bd0ae148 bcfeb852 bce7ae15 bcd0a3d7 bcb9999a bca28f5d bc8b851f bc68f5c3 bc3ae148
+bc1f3b64 bc160418 bc0ccccd bc039581 bbf4bc6a bbe24dd3 bbcfdf3b bbbd70a4 bbab020d bb989374 bb8624dd bb676c8a bb428f5c bb1db22d baf1a9fc baa7ef9d
+ba7765ff ba59e83e ba3c6a80 ba1eecc1 ba016f01 b9c7e283 b98ce705 b923d70b b8ba1f4b b88aefb3 b8378034 b7b24206 b70205ff b65a1a94 b513a3b7 00000000
+3513a3b7 365a1a94 370205ff 37b24206 38378034 388aefb3 38ba1f4b 3923d70b 398ce705 39c7e283 3a016f01 3a1eecc1 3a3c6a80 3a59e83e 3a7765ff 3aa7ef9d
+3af1a9fc 3b1db22d 3b428f5c 3b676c8a 3b8624dd 3b989374 3bab020d 3bbd70a4 3bcfdf3b 3be24dd3 3bf4bc6a 3c039581 3c0ccccd 3c160418 3c1f3b64 3c3ae148
+3c68f5c3 3c8b851f 3ca28f5d 3cb9999a 3cd0a3d7 3ce7ae15 3cfeb852 3d0ae148 3d166667 3d21eb85 3d2d70a3 3d38f5c3 3d447ae1 3d500000 3d5b851f 3d670a3d
+3d728f5d 3d7e147b 3d84cccd 3d8a8f5d 3d9051eb 3d96147b 3d9bd70a 3da1999a 3da75c2a 3dad1eb8 3db2e148 3db8a3d7 3dbe6667 3dc428f7 3dc9eb85 3ddb3334
+3df80000 3e0a6666 3e18cccd 3e273333 3e35999a 3e440000 3e526666 3e60cccd 3e6f3333 3e7d9999 3e860000 3e8d3334 3e946666 3e9b999a 3ea2cccc 3eaa0000
+3eb13333 3eb86666 3ebf999a 3ec6cccc 3ece0000 3ed53333 3edc6666 3ee3999a 3eeacccc 3ef20000 3ef93332 3f003333 3f03cccc 3f076666 3f0b0000 3f0e999a
+3f123334 3f15cccd 3f196666 3f1d0000 3f20999a 3f243334 3f27cccd 3f2b6666 3f2f0000 3f32999a 3f363334 3f39cccd 3f3d6666 3f410000 3f44999a 3f483333
+3f4bcccd 3f4f6666 3f530000 3f56999a 3f5a3333 3f5dcccd 3f616666 3f650000 3f68999a 3f6c3333 3f6fcccd 3f736666 3f770000 3f7a999a 3f7e3333 3f800000
+""")
+
+DYNAMIC_UNSIGNED = _bits_to_f32("""
+00000000 34ae7baa 35500998 360e9b38 3692ccf6 36de4c51 3714e5d5 3783126e 37e171a0 381fe868 384f1800 387e479a 3896bb99 38ae5364 38c5eb31 3906594b
+394154ca 397c5049 399ba5e4 39b923a2 39d6a163 39f41f22 3a08ce71 3a178d50 3a264c30 3a350b10 3a43c9ef 3a5288d0 3a6147af 3a70068e 3a7ec56e 3a958106
+3aba5e35 3adf3b64 3b020c4a 3b147ae1 3b26e978 3b395810 3b4bc6a7 3b5e3540 3b70a3d7 3b818937 3b8ac082 3b93f7cf 3b9d2f1a 3ba66666 3baf9db2 3bb8d4fd
+3bc20c4a 3bcb4395 3bd47ae1 3bddb22e 3be6e978 3bf020c5 3bf9580f 3c0147ae 3c05e354 3c0a7ef9 3c0f1aa0 3c13b645 3c1851eb 3c1ced92 3c218937 3c2f5c2a
+3c466667 3c5d70a3 3c747ae2 3c85c28f 3c9147af 3c9ccccd 3ca851eb 3cb3d70b 3cbf5c29 3ccae147 3cd66667 3ce1eb87 3ced70a3 3cf8f5c3 3d023d70 3d080000
+3d0dc28f 3d13851f 3d1947af 3d1f0a3d 3d24cccd 3d2a8f5c 3d3051eb 3d36147b 3d3bd70a 3d41999a 3d475c28 3d4d1eb8 3d52e147 3d58a3d7 3d5e6667 3d6428f7
+3d69eb87 3d6fae15 3d7570a3 3d7b3333 3d807ae2 3d835c2a 3d863d71 3d891eb8 3d8c0000 3d8ee148 3d91c290 3d94a3d7 3d97851f 3d9a6667 3d9d47af 3da028f6
+3da30a3e 3da5eb85 3da8cccd 3dabae15 3dae8f5c 3db170a4 3db451eb 3db73333 3dba147b 3dbcf5c3 3dbfd70b 3dc2b852 3dc5999a 3dc87ae2 3dcb5c29 3dd40000
+3de26666 3df0cccd 3dff3333 3e06cccc 3e0e0000 3e153334 3e1c6666 3e23999a 3e2acccc 3e320000 3e393334 3e406666 3e47999a 3e4ecccc 3e560000 3e5d3334
+3e646666 3e6b999a 3e72cccc 3e7a0000 3e809999 3e843333 3e87cccd 3e8b6666 3e8f0000 3e92999a 3e963333 3e99cccc 3e9d6666 3ea10000 3ea4999a 3ea83333
+3eabcccc 3eaf6666 3eb30000 3eb6999a 3eba3333 3ebdcccc 3ec16666 3ec50000 3ec8999a 3ecc3333 3ecfcccc 3ed36666 3ed70000 3eda999a 3ede3333 3ee1cccc
+3ee56666 3ee90000 3eec999a 3ef03333 3ef3cccc 3ef76666 3efb0000 3efe9999 3f01199a 3f02e666 3f04b333 3f068000 3f084ccc 3f0a199a 3f0be666 3f0db334
+3f0f8000 3f114ccd 3f13199a 3f14e666 3f16b334 3f188000 3f1a4ccd 3f1c199a 3f1de666 3f1fb334 3f218000 3f234ccd 3f25199a 3f26e666 3f28b334 3f2a8000
+3f2c4ccd 3f2e199a 3f2fe666 3f31b334 3f338000 3f354ccd 3f37199a 3f38e666 3f3ab334 3f3c8000 3f3e4ccd 3f40199a 3f41e666 3f43b334 3f458000 3f474ccc
+3f49199a 3f4ae666 3f4cb334 3f4e8000 3f504ccc 3f52199a 3f53e666 3f55b334 3f578000 3f594ccc 3f5b199a 3f5ce666 3f5eb334 3f608000 3f624ccc 3f64199a
+3f65e666 3f67b334 3f698000 3f6b4ccc 3f6d199a 3f6ee666 3f70b334 3f728000 3f744ccc 3f76199a 3f77e666 3f79b334 3f7b8000 3f7d4ccc 3f7f199a 3f800000
+""")
+
+
+def nf4_from_normal_quantiles(offset: float = 0.9677083) -> torch.Tensor:
+    """Documentation of where NF4 comes from (QLoRA §3): the table is not computed from this at run time.
+
+    k-bit NormalFloat spaces its values at equal-probability quantiles of N(0, 1) and rescales them to [-1, 1].
+    To have an exact zero (padding and zero weights must round-trip) the two halves are built separately: 8
+    positive values from quantiles between `offset` and 1/2, 7 negative values likewise, plus 0. `offset` clips
+    the infinite quantile at the tails. The result matches NF4_TABLE to about 1e-7; the stored constants are the
+    ones bitsandbytes ships and stay canonical.
+    """
+    nd = statistics.NormalDist()
+
+    def quantiles(count: int) -> list[float]:  # `count` points from `offset` down to 1/2, last (=0) dropped
+        step = (offset - 0.5) / count
+        return [nd.inv_cdf(offset - i * step) for i in range(count)]
+
+    positive = quantiles(8)
+    negative = [-q for q in quantiles(7)]
+    values = sorted(negative + [0.0] + positive)
+    top = max(abs(v) for v in values)
+    return torch.tensor([v / top for v in values], dtype=torch.float32)
+
+
+def code_table(quant_type: str) -> torch.Tensor:
+    check_quant_type(quant_type)
+    return NF4_TABLE if quant_type == "nf4" else FP4_TABLE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks shared by the reference and the op wrappers
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
+    if not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def check_float_input(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); there is nothing to quantize")
+
+
+def check_finite_absmax(absmax: torch.Tensor, name: str = "x") -> None:
+    """Refuse NaN/Inf input. The absmax of a block is NaN/Inf exactly when the block holds a NaN/Inf (the kernels
+    propagate NaN through the max), so checking the small absmax vector is enough. One host sync."""
+    if not bool(torch.isfinite(absmax).all()):
+        bad = int((~torch.isfinite(absmax)).nonzero()[0])
+        raise ValueError(f"{name} holds NaN or Inf (first in element block {bad}); pass allow_nonfinite=True to "
+                         f"quantize it anyway (those blocks then decode to NaN)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blockwise scaling, shared by 4-bit and 8-bit
+# ---------------------------------------------------------------------------------------------------------------
+
+def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Flatten x row-major into float32 and cut it into rows of `blocksize`; the tail is zero-padded, which never
+    changes a block's absmax. (n,) -> (ceil(n/blocksize), blocksize)."""
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % blocksize
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)
+
+
+def _absmax(blocks: torch.Tensor) -> torch.Tensor:
+    # amax propagates NaN, which is what check_finite_absmax relies on.
+    return blocks.abs().amax(dim=1)
+
+
+def _scale(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """s = x * (1/absmax) in float32, as bitsandbytes does (a reciprocal then a multiply, not a division).
+
+    Two edge cases bitsandbytes leaves to IEEE arithmetic are pinned down here so that every block gets the
+    nearest code: an all-zero block (absmax 0) scales to 0 instead of 0*inf = NaN, and a block whose absmax is so
+    small that 1/absmax overflows (absmax < 2^-128, denormal) is divided instead.
+    """
+    inv = torch.reciprocal(absmax)
+    s = blocks * inv[:, None]
+    tiny = torch.isinf(inv)[:, None]
+    s = torch.where(tiny, blocks / absmax[:, None], s)
+    return torch.where((absmax == 0)[:, None], torch.zeros_like(s), s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4-bit
+# ---------------------------------------------------------------------------------------------------------------
+
+def encode_4bit(s: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Scaled values s in [-1, 1] (float32) -> 4-bit codes (uint8, one per element). The nearest table value,
+    ties to the lower code: code = number of thresholds strictly below s (torch.bucketize, right=False)."""
+    if quant_type == "nf4":
+        return torch.bucketize(s, NF4_THRESHOLDS.to(s.device)).to(torch.uint8)
+    rank = torch.bucketize(s.abs(), FP4_THRESHOLDS.to(s.device))
+    sign = (s < 0).to(torch.uint8) << 3
+    return FP4_RANK_TO_BITS.to(s.device)[rank] | sign
+
+
+def pack_nibbles(codes: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """(n,) codes -> ((n+1)//2, 1) uint8: element 2j in the HIGH nibble, 2j+1 in the low one; odd n pads with
+    the code of zero."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE[quant_type])])
+    pairs = codes.view(-1, 2)
+    return ((pairs[:, 0] << 4) | pairs[:, 1]).view(-1, 1)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """((n+1)//2, 1) uint8 -> (n,) codes, the inverse of pack_nibbles."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]
+
+
+def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """x (any shape, fp32/fp16/bf16) -> packed ((n+1)//2, 1) uint8, absmax (ceil(n/blocksize),) float32.
+
+    x is one flat row-major vector of n elements cut into consecutive blocks. Per block, absmax = max|x| in
+    float32 (stored unrounded), s = x * (1/absmax), and each s gets the nearest table code (ties to the lower).
+    An all-zero block gets the code of zero (0x77 bytes for NF4; bitsandbytes' CUDA build writes 0x00, which also
+    decodes to zero).
+    """
+    blocks = _blocks(x, blocksize)
+    absmax = _absmax(blocks)
+    codes = encode_4bit(_scale(blocks, absmax), quant_type).reshape(-1)[: x.numel()]
+    return pack_nibbles(codes, quant_type), absmax
+
+
+def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                        shape, dtype: torch.dtype) -> torch.Tensor:
+    """packed ((n+1)//2, 1) uint8 + float32 absmax -> tensor of `shape` and `dtype`.
+    x = table[code] * absmax[block], computed in float32 and rounded once to `dtype`."""
+    n = math.prod(shape)
+    codes = unpack_nibbles(packed, n).long()
+    table = code_table(quant_type).to(packed.device)
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (table[codes] * scale).to(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8-bit blockwise with a dynamic map (double quantization, 8-bit optimizer state)
+# ---------------------------------------------------------------------------------------------------------------
+
+def map_thresholds(code_map: torch.Tensor) -> torch.Tensor:
+    """float32 midpoints of a sorted 256-entry map; nearest code = #{midpoints < s} (ties to the lower code)."""
+    m = code_map.float()
+    return (m[:-1] + m[1:]) * 0.5
+
+
+def quantize_blockwise_8bit_ref(x: torch.Tensor, code_map: torch.Tensor, blocksize: int = 256):
+    """x (any shape, float) -> codes (n,) uint8 and absmax (ceil(n/blocksize),) float32.
+    Per block s = x * (1/absmax); code = index of the nearest map entry (ties to the lower index)."""
+    blocks = _blocks(x, blocksize)
+    absmax = _absmax(blocks)
+    s = _scale(blocks, absmax)
+    codes = torch.bucketize(s, map_thresholds(code_map).to(s.device)).to(torch.uint8)
+    return codes.reshape(-1)[: x.numel()], absmax
+
+
+def dequantize_blockwise_8bit_ref(codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor,
+                                  blocksize: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes (n,) uint8 -> (n,) of `dtype`: map[code] * absmax[block] in float32, rounded once."""
+    n = codes.numel()
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (code_map.float().to(codes.device)[codes.reshape(-1).long()] * scale).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QuantState and double quantization
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class QuantState:
+    """Everything needed to decode a packed 4-bit tensor besides the packed bytes themselves.
+
+    absmax is float32 (B,) without double quantization; with it (nested=True), absmax holds the uint8 codes (B,)
+    of (absmax - nested_offset) in the signed dynamic map, scaled per 256-block by nested_absmax (float32).
+    """
+
+    absmax: torch.Tensor            # (B,) float32, or uint8 codes when nested; B = ceil(numel / blocksize)
+    shape: torch.Size               # original shape, e.g. [out_features, in_features]
+    dtype: torch.dtype              # original dtype; dequantize returns this
+    blocksize: int = 64
+    quant_type: str = "nf4"
+    nested_absmax: Optional[torch.Tensor] = None   # (ceil(B/256),) float32
+    nested_map: Optional[torch.Tensor] = None      # (256,) float32, the signed dynamic map
+    nested_offset: float = 0.0                     # mean of the original absmax, a float32 value
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def code(self) -> torch.Tensor:
+        return code_table(self.quant_type)
+
+    def to(self, device) -> "QuantState":
+        move = (lambda t: None if t is None else t.to(device))
+        return QuantState(move(self.absmax), self.shape, self.dtype, self.blocksize, self.quant_type,
+                          move(self.nested_absmax), move(self.nested_map), self.nested_offset, self.nested_blocksize)
+
+    def validate(self, packed: Optional[torch.Tensor] = None, name: str = "state") -> None:
+        """Check that the pieces agree with each other (and with `packed`); raise ValueError naming the field."""
+        check_quant_type(self.quant_type)
+        check_blocksize(self.blocksize, f"{name}.blocksize")
+        n_blocks = -(-self.numel // self.blocksize)
+        want = torch.uint8 if self.nested else torch.float32
+        if self.absmax.dtype != want or self.absmax.numel() != n_blocks:
+            raise ValueError(f"{name}.absmax must be {n_blocks} values of {want} for shape {list(self.shape)} and "
+                             f"blocksize {self.blocksize}; got {self.absmax.numel()} of {self.absmax.dtype}")
+        if self.nested:
+            n2 = -(-n_blocks // self.nested_blocksize)
+            if self.nested_absmax.dtype != torch.float32 or self.nested_absmax.numel() != n2:
+                raise ValueError(f"{name}.nested_absmax must be {n2} float32 values, got "
+                                 f"{self.nested_absmax.numel()} of {self.nested_absmax.dtype}")
+            if self.nested_map is None or self.nested_map.numel() != 256:
+                raise ValueError(f"{name}.nested_map must have 256 entries")
+        if packed is not None:
+            if packed.dtype != torch.uint8 or packed.numel() != (self.numel + 1) // 2:
+                raise ValueError(f"packed weight must be {(self.numel + 1) // 2} uint8 bytes for shape "
+                                 f"{list(self.shape)}; got {packed.numel()} of {packed.dtype}")
+            if packed.device != self.absmax.device:
+                raise ValueError(f"packed weight is on {packed.device} but {name}.absmax on {self.absmax.device}")
+
+    # -- bitsandbytes state-dict format (bnb-format.md §4) ------------------------------------------------------
+
+    def to_bnb_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The quantization-state keys bitsandbytes writes for `prefix` (e.g. "model.layers.0.mlp.up_proj.weight"),
+        in its order. The packed weight itself is stored under `prefix` by the caller."""
+        blob = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
+        out = {f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code.clone()}
+        if self.nested:
+            blob.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
+                        nested_offset=float(self.nested_offset))
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = self.nested_map
+        data = json.dumps(blob).encode("utf-8")
+        out[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(data), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_bnb_dict(cls, sd: dict, prefix: str) -> "QuantState":
+        """Read the state bitsandbytes wrote for `prefix`; raise ValueError/KeyError naming the missing or bad key."""
+        blob_keys = [k for k in (f"{prefix}.quant_state.bitsandbytes__nf4", f"{prefix}.quant_state.bitsandbytes__fp4")
+                     if k in sd]
+        if len(blob_keys) != 1:
+            raise KeyError(f"expected exactly one of '{prefix}.quant_state.bitsandbytes__nf4' / '__fp4' in the "
+                           f"state dict, found {len(blob_keys)}")
+        key = blob_keys[0]
+        raw = sd[key]
+        try:
+            blob = json.loads(bytes(raw.to(torch.uint8).tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"'{key}' does not hold valid UTF-8 JSON: {e}") from None
+        if not isinstance(blob, dict):
+            raise ValueError(f"'{key}' must hold a JSON object, got {type(blob).__name__}")
+        for field in ("quant_type", "blocksize", "dtype", "shape"):
+            if field not in blob:
+                raise ValueError(f"'{key}' lacks the field {field!r}")
+        if blob["quant_type"] != key.rsplit("__", 1)[1]:
+            raise ValueError(f"'{key}' says quant_type {blob['quant_type']!r}, which contradicts its key name")
+        dtype = getattr(torch, str(blob["dtype"]), None)
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"'{key}' has unsupported dtype {blob['dtype']!r}")
+        if not (isinstance(blob["shape"], list) and all(isinstance(d, int) and d > 0 for d in blob["shape"])):
+            raise ValueError(f"'{key}' has an invalid shape {blob['shape']!r}")
+
+        def need(name: str) -> torch.Tensor:
+            if f"{prefix}.{name}" not in sd:
+                raise KeyError(f"missing key '{prefix}.{name}' in the state dict")
+            return sd[f"{prefix}.{name}"]
+
+        nested = "nested_offset" in blob
+        state = cls(absmax=need("absmax").reshape(-1), shape=torch.Size(blob["shape"]), dtype=dtype,
+                    blocksize=blob["blocksize"], quant_type=blob["quant_type"])
+        if nested:
+            state.nested_absmax = need("nested_absmax").reshape(-1)
+            state.nested_map = need("nested_quant_map").reshape(-1).float()
+            state.nested_offset = float(blob["nested_offset"])
+            state.nested_blocksize = int(blob.get("nested_blocksize", NESTED_BLOCKSIZE))
+            if state.nested_blocksize not in BLOCKSIZES:
+                raise ValueError(f"'{key}' has invalid nested_blocksize {state.nested_blocksize}")
+        quant_map = need("quant_map").reshape(-1).float()
+        if not torch.equal(quant_map.cpu(), state.code):
+            raise ValueError(f"'{prefix}.quant_map' is not the standard {state.quant_type} table")
+        state.validate(name=prefix)
+        return state
+
+
+def packed_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Packed 4-bit weights as uint8 ((n+1)//2, 1). Some writers (bnb_4bit_quant_storage) store the bytes in a
+    float dtype: reinterpret the bytes, never convert the values."""
+    if t.dtype != torch.uint8:
+        t = t.contiguous().view(-1).view(torch.uint8)
+    return t.reshape(-1, 1)
+
+
+def double_quantize_ref(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOCKSIZE):
+    """QLoRA §3 double quantization of the float32 absmax vector: subtract its mean, then 8-bit blockwise
+    quantization with the signed dynamic map. Returns (codes uint8, nested_absmax float32, offset float)."""
+    offset = absmax.mean()
+    codes, absmax2 = quantize_blockwise_8bit_ref(absmax - offset, DYNAMIC_SIGNED, nested_blocksize)
+    return codes, absmax2, float(offset)
+
+
+def decode_absmax_ref(state: QuantState) -> torch.Tensor:
+    """The float32 absmax a 4-bit decode uses: stored directly, or map[code] * absmax2 + offset with the
+    product and the sum each rounded to float32 (two roundings, no fused multiply-add)."""
+    if not state.nested:
+        return state.absmax.float()
+    scaled = dequantize_blockwise_8bit_ref(state.absmax, state.nested_absmax, state.nested_map,
+                                           state.nested_blocksize)
+    return scaled + torch.tensor(state.nested_offset, dtype=torch.float32, device=scaled.device)
+
+
+def quantize_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True):
+    """The whole public quantize in reference form: (packed, QuantState)."""
+    packed, absmax = quantize_4bit_ref(x, blocksize, quant_type)
+    state = QuantState(absmax, x.shape, x.dtype, blocksize, quant_type)
+    if double_quant:
+        state.absmax, state.nested_absmax, state.nested_offset = double_quantize_ref(absmax)
+        state.nested_map = DYNAMIC_SIGNED.to(x.device)
+    return packed, state
+
+
+def dequantize_ref(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    return dequantize_4bit_ref(packed, decode_absmax_ref(state), state.blocksize, state.quant_type, state.shape,
+                               state.dtype)
+
+
+def max_error_bound(quant_type: str) -> float:
+    """Half the widest gap between adjacent table values: the largest |s - table[code]| the nearest-code rule
+    can leave, so |x - dequant(quant(x))| <= absmax * this (plus float rounding of the products)."""
+    table = torch.sort(code_table(quant_type)).values
+    return float((table[1:] - table[:-1]).max()) / 2
