@@ -1,0 +1,171 @@
+"""Linear4bit: a frozen nn.Linear whose weight is stored in 4 bits (NF4/FP4, optionally double-quantized).
+
+The weight lives in plain buffers in bitsandbytes' layout and the module's state_dict() uses bitsandbytes' keys
+(bnb-format.md §4), so it goes straight to safetensors and loads in transformers + bitsandbytes. Forward is the
+differentiable gemm_4bit op: y = x · dequant(W)ᵀ + b, whose backward gives x its gradient and W none (QLoRA §3).
+Adapters (lora.py) and model loading (checkpoint.py) live elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops, quant
+from .quant import QuantState
+
+# Buffer names -> the suffix of bitsandbytes' state-dict key under "<prefix>weight".
+_STATE_BUFFERS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_nested_map")
+
+
+class Linear4bit(nn.Module):
+    """y = x · dequant(W)ᵀ + b with W (out_features, in_features) frozen in 4 bits.
+
+    Buffers: weight ((out·in+1)//2, 1) uint8 packed codes; weight_absmax (B,) float32, or uint8 codes with double
+    quantization; weight_nested_absmax (ceil(B/256),) float32 and weight_nested_map (256,) float32 with double
+    quantization. B = ceil(out·in / blocksize). The bias, if any, is an ordinary frozen Parameter.
+    compute_dtype is the dtype the weight is dequantized to and the matmul runs in; the output is cast back to the
+    input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                 weight_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        quant.check_quant_type(quant_type)
+        quant.check_blocksize(blocksize)
+        if compute_dtype not in quant.FLOAT_DTYPES:
+            raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.compute_dtype = quant_type, blocksize, compute_dtype
+        self.weight_dtype = weight_dtype            # dtype of the original weight; dequantize() returns it
+        self.nested_offset = 0.0                    # double-quant offset (a float32 value), see quant.QuantState
+        n = in_features * out_features
+        n_blocks = -(-n // blocksize)
+        self.register_buffer("weight", torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_absmax", torch.zeros(n_blocks, device=device,
+                                                          dtype=torch.uint8 if double_quant else torch.float32))
+        nested = (torch.zeros(-(-n_blocks // quant.NESTED_BLOCKSIZE), device=device),
+                  quant.DYNAMIC_SIGNED.to(device)) if double_quant else (None, None)
+        self.register_buffer("weight_nested_absmax", nested[0])
+        self.register_buffer("weight_nested_map", nested[1])
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    # -- construction -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
+                    blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16, device=None) -> "Linear4bit":
+        """Quantize an nn.Linear (on `device`, default its own device). The original module is left untouched."""
+        w = linear.weight.detach()
+        w = w.to(device) if device is not None else w
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type=quant_type,
+                  blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, weight_dtype=w.dtype,
+                  device="meta")
+        packed, state = ops.quantize_4bit(w, blocksize, quant_type, double_quant)
+        mod.set_quantized(packed, state)
+        if linear.bias is not None:
+            mod.bias = nn.Parameter(linear.bias.detach().to(w.device).clone(), requires_grad=False)
+        return mod
+
+    def set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Install a packed weight and its state (validated against this module's shape)."""
+        if list(state.shape) != [self.out_features, self.in_features]:
+            raise ValueError(f"quantized weight has shape {list(state.shape)}, the module expects "
+                             f"[{self.out_features}, {self.in_features}]")
+        packed = quant.packed_bytes(packed)
+        state.validate(packed)
+        self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
+        self.nested_offset = float(state.nested_offset)
+        self._buffers["weight"] = packed
+        self._buffers["weight_absmax"] = state.absmax
+        self._buffers["weight_nested_absmax"] = state.nested_absmax
+        self._buffers["weight_nested_map"] = state.nested_map
+
+    @property
+    def quant_state(self) -> QuantState:
+        return QuantState(absmax=self.weight_absmax, shape=torch.Size([self.out_features, self.in_features]),
+                          dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+                          nested_absmax=self.weight_nested_absmax, nested_map=self.weight_nested_map,
+                          nested_offset=self.nested_offset)
+
+    # -- compute ----------------------------------------------------------------------------------------------
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight (out_features, in_features) in `dtype` (default: the original weight dtype)."""
+        return ops.dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in) -> (..., out). gemm_4bit decodes W to compute_dtype; autograd flows to x only.
+        y = ops.gemm_4bit(x.to(self.compute_dtype), self.weight, self.quant_state)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
+                f"double_quant={self.weight_nested_absmax is not None}, compute_dtype={self.compute_dtype}")
+
+    # -- moving and casting -----------------------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        """Module.to()/.half()/.cuda()/.to_empty() move the quantized buffers but never change their dtypes:
+        casting float32 absmax to bf16 would silently corrupt the weight."""
+        held = {k: self._buffers[k] for k in _STATE_BUFFERS if self._buffers.get(k) is not None}
+        for k in held:
+            self._buffers[k] = None
+        super()._apply(fn, recurse)
+        for k, t in held.items():
+            device = fn(t[:0]).device  # where fn sends a tensor of this kind; the dtype stays
+            self._buffers[k] = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
+        return self
+
+    # -- bitsandbytes state-dict keys -------------------------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for k, v in self.quant_state.to_bnb_dict(prefix + "weight").items():
+            destination[k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+            return
+        try:
+            state = QuantState.from_bnb_dict(state_dict, key)
+            packed = quant.packed_bytes(state_dict[key])
+            target = self.weight.device if not self.weight.is_meta else packed.device
+            self.set_quantized(packed.to(target), state.to(target))
+        except (KeyError, ValueError) as e:
+            error_msgs.append(f"{key}: {e}")
+            return
+        if self.bias is not None:
+            if prefix + "bias" not in state_dict:
+                missing_keys.append(prefix + "bias")
+            else:
+                b = state_dict[prefix + "bias"]
+                if b.shape != (self.out_features,):
+                    error_msgs.append(f"{prefix}bias has shape {tuple(b.shape)}, expected ({self.out_features},)")
+                else:
+                    self.bias = nn.Parameter(b.detach().to(self.weight.device, self.weight_dtype).clone(),
+                                             requires_grad=False)
+        if strict:
+            ours = set(self.quant_state.to_bnb_dict(key))
+            unexpected_keys.extend(k for k in state_dict if k.startswith(key + ".") and k not in ours)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the quantized weight and its state (not the bias)."""
+        return sum(t.numel() * t.element_size() for k in _STATE_BUFFERS if (t := self._buffers.get(k)) is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.memory_bytes() / math.prod((self.out_features, self.in_features))
