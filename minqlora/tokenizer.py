@@ -16,11 +16,15 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-import jinja2
+import jinja2  # a dependency of torch itself, so always present
 import jinja2.ext
 import sentencepiece
-import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+try:
+    import tokenizers  # optional extra: only tokenizer.json directories need it
+except ImportError:
+    tokenizers = None
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # looked for in this order; tokenizer.json knows added tokens
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")  # chat models stop on these as well as on EOS
@@ -155,6 +159,8 @@ class _TokenizersBackend:
     """tokenizer.json through the `tokenizers` package; it recognizes added/special tokens in text itself."""
 
     def __init__(self, path: Path):
+        if tokenizers is None:
+            raise ImportError(f"{path} needs the `tokenizers` package: pip install 'minqlora[tokenizers]'")
         self.tok = tokenizers.Tokenizer.from_file(str(path))
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
