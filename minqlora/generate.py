@@ -1,8 +1,8 @@
 """Autoregressive decoding with a KV cache: greedy or sampled (temperature, top-k, top-p), token and text streams.
 
 Covers `generate` (prompt + new tokens as one tensor), `generate_tokens` (an iterator over new token columns),
-`stream_text` (an iterator over decoded text pieces, batch 1) and the `IncrementalDecoder` behind it. Batches may be left-padded with an attention
-mask; rows that hit a stop id emit `pad_token_id` until every row has stopped.
+`stream_text` (an iterator over decoded text pieces, batch 1) and the `IncrementalDecoder` behind it. Batches
+may be left-padded with an attention mask; rows that hit a stop id emit `pad_token_id` until every row stopped.
 
 Leaves out: beam search, repetition penalties, speculative decoding, chat formatting (tokenizer.py) and model
 loading (checkpoint.py). Works on any `Llama` whose projections were swapped for quantized or LoRA modules.

@@ -21,7 +21,8 @@ CONFIGS = {
     "llama3_rope": dict(num_attention_heads=4, num_key_value_heads=1, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
     "linear_rope": dict(num_attention_heads=2, rope_scaling={"type": "linear", "factor": 4.0}),
     "odd_heads": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1),
-    "head_dim": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, head_dim=24, tie_word_embeddings=True),
+    "head_dim": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, head_dim=24,
+                     tie_word_embeddings=True),
     "bias": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
 }
 
@@ -173,7 +174,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         ours(ids).logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in ours.parameters()])
     assert ours.model.gradient_checkpointing
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -190,7 +191,8 @@ def test_from_hf_reads_both_transformers_styles():
 
 @pytest.mark.parametrize("bad, message", [
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling.rope_type 'yarn'"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters.rope_type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_parameters.rope_type 'dynamic'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling.low_freq_factor"),
     ({"model_type": "mistral"}, "model_type 'mistral'"),
     ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),

@@ -19,8 +19,8 @@ from minqlora.tokenizer import Tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "quantized", "weights", "adapter", "low", "rank", "café", "naïve",
          "日本語", "テキスト", "emoji🙂", "x=1+2", "\tindent", "new\nline"]
-SAMPLES = ["the cat sat on the mat", "  leading spaces", "café naïve 日本語 🙂", "unseen zebra quokka", "a\nb\tc", "",
-           "quantized   weights"]
+SAMPLES = ["the cat sat on the mat", "  leading spaces", "café naïve 日本語 🙂", "unseen zebra quokka", "a\nb\tc",
+           "", "quantized   weights"]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is NF4?"}]
 
@@ -159,7 +159,8 @@ def test_fallback_chatml(tmp_path):
 def test_fallback_llama2(sp_dir):
     tok = Tokenizer.from_pretrained(sp_dir)
     text = tok.apply_chat_template(CHAT)
-    assert text == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s><s>[INST] What is NF4? [/INST]"
+    assert text == ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! </s>"
+                    "<s>[INST] What is NF4? [/INST]")
     assert tok.apply_chat_template(CHAT[1:2]) == "<s>[INST] Hi there [/INST]"
     ids = tok.apply_chat_template(CHAT, tokenize=True)
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 2 and ids.count(tok.eos_id) == 1
