@@ -143,7 +143,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize, quant_type=quant_type)
     if double_quant:
         # Same steps as quant.double_quantize_ref; the mean is torch's, as bitsandbytes', so offsets agree exactly.
-        offset = absmax.mean()
+        offset = quant.absmax_offset(absmax)
         state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - offset, quant.DYNAMIC_SIGNED.to(x.device),
                                                                     quant.NESTED_BLOCKSIZE)
         state.nested_map = quant.DYNAMIC_SIGNED.to(x.device)

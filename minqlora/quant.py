@@ -412,10 +412,20 @@ def packed_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1)
 
 
+def absmax_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """The double-quantization offset: the float32 mean of the absmax vector, computed by torch exactly as
+    bitsandbytes does so offsets agree bit for bit. When absmax values near the float32 maximum make that sum
+    overflow, the mean is taken in float64 instead (bitsandbytes would store inf and decode garbage)."""
+    offset = absmax.mean()
+    if not torch.isfinite(offset) and bool(torch.isfinite(absmax).all()):
+        offset = absmax.double().mean().float()
+    return offset
+
+
 def double_quantize_ref(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOCKSIZE):
     """QLoRA §3 double quantization of the float32 absmax vector: subtract its mean, then 8-bit blockwise
     quantization with the signed dynamic map. Returns (codes uint8, nested_absmax float32, offset float)."""
-    offset = absmax.mean()
+    offset = absmax_offset(absmax)
     codes, absmax2 = quantize_blockwise_8bit_ref(absmax - offset, DYNAMIC_SIGNED, nested_blocksize)
     return codes, absmax2, float(offset)
 
