@@ -337,7 +337,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.register_load_state_dict_pre_hook(_fill_tied_lm_head)
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module.tie_weights())
+        self.register_load_state_dict_post_hook(_retie_after_load)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -363,6 +363,11 @@ class Llama(nn.Module):
         of real tokens (or past + arange(T) without a mask); cache is filled and advanced by T.
         """
         return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))
+
+
+def _retie_after_load(module, incompatible_keys):
+    # load_state_dict(assign=True) gives lm_head and embed_tokens separate Parameters; make them one again.
+    module.tie_weights()
 
 
 def _fill_tied_lm_head(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
