@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): on a fresh machine it creates .venv, installs torch 2.13.0 (CPU) and the
+# test oracles (bitsandbytes 0.50.2, transformers, peft, ...), builds the extension against that torch, and runs
+# the whole suite. Extra arguments go to pytest (e.g. `bash scripts/test.sh tests/test_quant.py -x`).
+# On a machine with a GPU, tests/cuda run too; without one they are not collected (tests/cuda/conftest.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip setuptools wheel ninja
+python -m pip install -q torch==2.13.0
+# --no-build-isolation: build against the torch just installed instead of fetching another into a build env.
+python -m pip install -q --no-build-isolation -e ".[test]"
+python -c "import minqlora, torch; print('minqlora ready: torch', torch.__version__)"
+exec python -m pytest -q "$@"
