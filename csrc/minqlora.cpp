@@ -36,4 +36,17 @@ TORCH_LIBRARY(minqlora, m) {
         "SymInt[] shape) -> Tensor");
 
   // ---- optimizer and paging (optim.py) ----
+  // optim.adamw_step_ref: one fused AdamW step with float32 m, v; p (f32/f16/bf16), m, v updated in place.
+  m.def("adamw_step_32bit(Tensor(a!) p, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // optim.adamw_step_8bit_ref: the same step with m, v as uint8 codes (signed / unsigned dynamic map) and one
+  // float32 absmax per 256 elements; decode -> update -> re-encode in one pass.
+  m.def("adamw_step_8bit(Tensor(a!) p, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "Tensor(d!) exp_avg_absmax, Tensor(e!) exp_avg_sq_absmax, Tensor map_signed, Tensor map_unsigned, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // CUDA unified memory (cudaMallocManaged) for paged optimizer state; refuses to allocate more than the GPU has
+  // free. CUDA builds only.
+  m.def("managed_empty(int[] size, ScalarType dtype, Device device) -> Tensor");
+  // cudaMemPrefetchAsync of a managed tensor to `device` (a GPU, or the CPU) on the current stream.
+  m.def("prefetch_managed(Tensor t, Device device) -> ()");
 }

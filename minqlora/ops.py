@@ -169,3 +169,69 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch
     if x.shape[-1] != state.shape[-1]:
         raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {state.shape[-1]}")
     return _ops.gemm_4bit(x, packed, *_state_args(state))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- optimizer and paging ----
+# Wrappers and fakes of the AdamW step (references: optim.adamw_step_ref / adamw_step_8bit_ref) and of CUDA
+# managed memory (paging="managed" in optim.PagedAdamW). The steps mutate p and the state in place and return
+# nothing; their schemas mark those arguments mutable (Tensor(a!)), so torch.compile functionalizes them.
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("minqlora::adamw_step_32bit")
+def _(p, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    return None
+
+
+@torch.library.register_fake("minqlora::adamw_step_8bit")
+def _(p, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, map_signed, map_unsigned, lr, beta1, beta2,
+      eps, weight_decay, step):
+    return None
+
+
+@torch.library.register_fake("minqlora::managed_empty")
+def _(size, dtype, device):
+    return torch.empty(size, dtype=dtype, device=device)
+
+
+@torch.library.register_fake("minqlora::prefetch_managed")
+def _(t, device):
+    return None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether this build of minqlora._C holds the CUDA kernels (a CUDA torch and nvcc at build time)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("minqlora::adamw_step_32bit", "CUDA")
+
+
+def adamw_step_32bit(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
+                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """One AdamW step with float32 m, v (p any float dtype, contiguous); p, exp_avg, exp_avg_sq change in place."""
+    _ops.adamw_step_32bit(p, grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2), float(eps),
+                          float(weight_decay), int(step))
+
+
+def adamw_step_8bit(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                    exp_avg_absmax: torch.Tensor, exp_avg_sq_absmax: torch.Tensor, map_signed: torch.Tensor,
+                    map_unsigned: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, step: int) -> None:
+    """One AdamW step with m, v as uint8 codes (signed / unsigned dynamic map, blocks of 256 with float32 absmax);
+    p, the codes and the absmax vectors change in place."""
+    _ops.adamw_step_8bit(p, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, map_signed, map_unsigned,
+                         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step))
+
+
+def managed_empty(size, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialized tensor in CUDA unified memory on `device`. Raises RuntimeError rather than hand out more
+    managed memory than the GPU has free."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"managed memory lives on a CUDA device, got {device}")
+    if not has_cuda_kernels():
+        raise RuntimeError("managed memory needs minqlora built with CUDA (this build has CPU kernels only)")
+    return _ops.managed_empty(list(size), dtype, device)
+
+
+def prefetch_managed(t: torch.Tensor, device) -> None:
+    """Asynchronously migrate managed tensor t to `device` (a GPU, or "cpu") on the current CUDA stream."""
+    _ops.prefetch_managed(t, torch.device(device))
