@@ -233,5 +233,6 @@ def managed_empty(size, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def prefetch_managed(t: torch.Tensor, device) -> None:
-    """Asynchronously migrate managed tensor t to `device` (a GPU, or "cpu") on the current CUDA stream."""
+    """Asynchronously migrate managed tensor t to `device` (a GPU, or "cpu") on the current CUDA stream; a no-op
+    for ordinary device memory."""
     _ops.prefetch_managed(t, torch.device(device))

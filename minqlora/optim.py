@@ -25,6 +25,10 @@ Paging applies to CUDA parameters. On a CPU all state is ordinary CPU tensors, w
   GPU holds only that buffer for optimizer state. The copies back finish asynchronously: state_dict() and
   load_state_dict() wait for them; call synchronize() before reading `optimizer.state` yourself.
 - None: ordinary tensors on the parameter's device.
+
+Host syncs: none in step() once state exists. The first step allocates state (for "managed", cudaMallocManaged after
+a cudaMemGetInfo); freeing managed state (cudaFree), state_dict(), load_state_dict() and synchronize() wait for the
+GPU.
 """
 
 from __future__ import annotations
@@ -188,15 +192,19 @@ class PagedAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # fills in the defaults; the checks below then see the whole group
         group = self.param_groups[-1]
-        group["betas"] = tuple(group["betas"])
-        _check_hyper(group, f"param group {len(self.param_groups) - 1}")
-        for p in group["params"]:
-            if p.dtype not in quant.FLOAT_DTYPES:
-                raise ValueError(f"PagedAdamW updates float32, float16 and bfloat16 parameters, got {p.dtype}")
-            if p.device.type == "cuda" and not ops.has_cuda_kernels():
-                raise RuntimeError("a parameter is on CUDA but minqlora was built without its CUDA kernels")
+        try:
+            group["betas"] = tuple(group["betas"])
+            _check_hyper(group, f"param group {len(self.param_groups) - 1}")
+            for p in group["params"]:
+                if p.dtype not in quant.FLOAT_DTYPES:
+                    raise ValueError(f"PagedAdamW updates float32, float16 and bfloat16 parameters, got {p.dtype}")
+                if p.device.type == "cuda" and not ops.has_cuda_kernels():
+                    raise RuntimeError("a parameter is on CUDA but minqlora was built without its CUDA kernels")
+        except (ValueError, RuntimeError):
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
     # ---- state layout and placement ----
 

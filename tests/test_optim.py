@@ -245,6 +245,10 @@ def test_bad_parameters():
         PagedAdamW([torch.zeros(4, dtype=torch.float64, requires_grad=True)])
     with pytest.raises(ValueError, match="param group 1: betas"):
         PagedAdamW([{"params": make_params([(4,)])}, {"params": make_params([(4,)]), "betas": (2.0, 0.9)}])
+    opt = PagedAdamW(make_params([(4,)]))
+    with pytest.raises(ValueError, match="param group 1: lr"):
+        opt.add_param_group({"params": make_params([(4,)]), "lr": -1.0})
+    assert len(opt.param_groups) == 1
     with pytest.raises(RuntimeError, match="grad has shape"):
         ops.adamw_step_32bit(torch.zeros(4), torch.zeros(5), torch.zeros(4), torch.zeros(4), step=1, **HYPER)
     with pytest.raises(RuntimeError, match="exp_avg_absmax has 1 elements, expected 2"):

@@ -1,7 +1,8 @@
 // CUDA unified ("managed") memory for paged optimizer state, the way the QLoRA paper's paged optimizers work
 // (QLoRA §3, "Paged Optimizers"; bitsandbytes: cudaMallocManaged + cudaMemPrefetchAsync, bnb-format.md §5):
 //   managed_empty    -> a tensor in cudaMallocManaged memory, freed by its deleter
-//   prefetch_managed -> cudaMemPrefetchAsync of such a tensor to a GPU (before its update) or to the CPU
+//   prefetch_managed -> cudaMemPrefetchAsync of such a tensor to a GPU (before its update) or to the CPU; a no-op
+//                       for ordinary device memory
 // The driver pages state between host and GPU under memory pressure. This file never lets the managed memory it
 // has handed out exceed what the GPU has free at allocation time (cudaMemGetInfo): oversubscribing unified memory
 // can hang a shared GPU, so such a request fails with an error naming the sizes instead. It leaves out the
@@ -70,8 +71,8 @@ void prefetch_managed(const at::Tensor& t, c10::Device device) {
   const c10::cuda::CUDAGuard guard(t.device());
   cudaPointerAttributes attr;
   C10_CUDA_CHECK(cudaPointerGetAttributes(&attr, t.data_ptr()));
-  TORCH_CHECK(attr.type == cudaMemoryTypeManaged, "t is not in CUDA managed memory (allocate it with "
-              "managed_empty)");
+  // Ordinary device memory has nowhere to migrate: nothing to do (this also lets opcheck's clones through).
+  if (attr.type != cudaMemoryTypeManaged) return;
   // Without concurrent managed access (some virtualized or Windows setups) prefetching is not supported and the
   // driver migrates pages on touch instead: the prefetch is then a no-op.
   int concurrent = 0;
