@@ -24,7 +24,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
@@ -271,9 +271,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) to a temporary name in path's directory, then rename over path: readers see old or new, whole."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+    """write(tmp) to a temporary name in path's directory, then rename over path: readers see old or new, whole.
+    (Not tempfile.mkstemp: its files are mode 0600, and an adapter should get the usual umask permissions.)"""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -472,6 +472,9 @@ def test_round_trip(tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(logits(a), logits(b))
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # The temporary-then-rename write keeps the umask's permissions (safetensors itself creates its files 0600).
+    (tmp_path.parent / "plain.txt").write_text("x")
+    assert (tmp_path / "adapter_config.json").stat().st_mode == (tmp_path.parent / "plain.txt").stat().st_mode
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
