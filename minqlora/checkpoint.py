@@ -55,9 +55,9 @@ class SafetensorsDir:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-            files = sorted(set(weight_map.values()))
+            files, self.origin = sorted(set(weight_map.values())), index
         elif (root / SAFE_SINGLE).is_file():
-            files = [SAFE_SINGLE]
+            files, self.origin = [SAFE_SINGLE], root / SAFE_SINGLE
         else:
             pickles = [p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickles:
@@ -80,7 +80,8 @@ class SafetensorsDir:
                 raise ValueError(f"{index}: lists '{k}' in {name}, which does not hold it")
 
     def where(self, key: str) -> str:
-        return str(self.file_of.get(key, self.root))
+        """The file holding `key`, or for a missing key the file that should list it."""
+        return str(self.file_of.get(key, self.origin))
 
     def read(self, names, convert) -> dict[str, torch.Tensor]:
         """{name: convert(name, tensor)}; each file is opened (mapped) once and closed before returning."""
