@@ -214,7 +214,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     found = match_targets(model, targets)
     model.requires_grad_(False)
     for name, m in found.items():
-        model.set_submodule(name, LoRALinear(m, r, alpha, dropout, use_rslora, dtype).train(m.training))
+        # The model's train/eval mode, not the wrapped module's: a freshly swapped-in Linear4bit is in train mode.
+        model.set_submodule(name, LoRALinear(m, r, alpha, dropout, use_rslora, dtype).train(model.training))
     return model
 
 
