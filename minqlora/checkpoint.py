@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from . import gguf_io, ops, quant
 from .linear4bit import Linear4bit
@@ -204,14 +205,15 @@ def _install(m: nn.Module, name: str, kind: str, tensors: dict, source, *, quant
 
 def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = True, blocksize: int = 64,
                     device="cpu", dtype: torch.dtype | None = torch.bfloat16,
-                    compute_dtype: torch.dtype | None = None) -> Llama:
+                    compute_dtype: torch.dtype | None = None, progress: bool = False) -> Llama:
     """A Llama from an HF directory (config.json + safetensors, sharded or not), a bnb-4bit directory, or a GGUF file.
 
     quantize: "nf4"/"fp4" turns the seven projections of every decoder layer into Linear4bit (embedding, norms and
     lm_head stay in `dtype`); None keeps them 16-bit. A pre-quantized bitsandbytes checkpoint keeps its stored
     4-bit bytes whatever quantize names (re-quantizing 4-bit values would only add error); quantize=None
     dequantizes it. dtype: of the non-quantized weights and of the weights before quantizing (None: the
-    checkpoint's torch_dtype). compute_dtype: the Linear4bit matmul dtype (default: dtype).
+    checkpoint's torch_dtype). compute_dtype: the Linear4bit matmul dtype (default: dtype). progress: a tqdm bar
+    over the tensor groups (for the CLI).
     """
     path = Path(path)
     if not path.exists():
@@ -225,8 +227,8 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
     with torch.device("meta"):
         model = Llama(config)
     keys = set(source.shapes)
-    bnb = {m.group(1): k for k in keys if (m := BNB_STATE.match(k))}  # "<module>.weight" -> its quant_state key
-    bnb_parts: dict[str, list[str]] = {w: [] for w in bnb}
+    # Pre-quantized Linears: "<module>.weight" -> its bnb state keys ("<module>.weight.absmax", ...).
+    bnb_parts: dict[str, list[str]] = {m.group(1): [] for k in keys if (m := BNB_STATE.match(k))}
     for k in keys:
         base = k.split(".weight.", 1)[0] + ".weight"
         if base in bnb_parts and k.startswith(base + "."):
@@ -242,11 +244,11 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
         used.add(key)
         return key
 
-    for group in _groups(model):
+    for group in tqdm(_groups(model), desc=f"loading {path.name}", unit="group", disable=not progress):
         plan, to_read, raw = [], [], set()
         for name, m in group:
             w = f"{name}.weight"
-            if w in bnb:  # pre-quantized: packed bytes and state tensors are read as stored
+            if w in bnb_parts:  # pre-quantized: packed bytes and state tensors are read as stored
                 kind, names = "bnb", [need(w, None), *(need(k, None) for k in bnb_parts[w])]
                 raw.update(names)
             elif quantize and isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS:

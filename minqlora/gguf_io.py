@@ -29,6 +29,7 @@ from torch import nn
 from . import gguf_vocab
 from .linear4bit import Linear4bit
 from .model import Llama, LlamaConfig, RMSNorm, rope_inv_freq
+from .tokenizer import Tokenizer
 
 ARCH = "llama"
 Q = gguf.GGMLQuantizationType
@@ -138,8 +139,7 @@ class GGUFCheckpoint:
         for name in hf_names(self.config):
             if gguf_name(name) in by_name:
                 self.tensors[name] = by_name.pop(gguf_name(name))
-        by_name.pop(ROPE_FREQS, None)
-        by_name.pop("output.weight", None) if self.config.tie_word_embeddings else None
+        by_name.pop(ROPE_FREQS, None)  # consumed by _config
         if by_name:
             raise ValueError(f"{self.path}: tensors this Llama has no place for: {sorted(by_name)[:8]}")
         self.shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in self.tensors.items()}
@@ -186,11 +186,13 @@ class GGUFCheckpoint:
             max_position_embeddings=int(self.field(f"{a}.context_length", 2048)),
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias="blk.0.ffn_gate.bias" in tensors,
-            bos_token_id=self.field("tokenizer.ggml.bos_token_id"), eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
             pad_token_id=self.field("tokenizer.ggml.padding_token_id"))
         scaling_type = self.field(f"{a}.rope.scaling.type", "none")
         if scaling_type == "linear":
-            cfg.rope_scaling = {"rope_type": "linear", "factor": float(self._need(f"{a}.rope.scaling.factor"))}
+            factor = float(self._need(f"{a}.rope.scaling.factor"))
+            cfg = dataclasses.replace(cfg, rope_scaling={"rope_type": "linear", "factor": factor})
         elif scaling_type != "none":
             raise ValueError(f"{self.path}: rope scaling type {scaling_type!r} is not supported (none, linear, llama3)")
         if ROPE_FREQS in tensors:
@@ -230,26 +232,29 @@ def _dequantize(t, shape, path) -> torch.Tensor:
 
 # -- export ---------------------------------------------------------------------------------------------------------
 
-def _export_weight(model: Llama, hf_name: str) -> torch.Tensor:
-    """A parameter of the model as float32 on the CPU; 4-bit weights are dequantized, LoRA must be merged first."""
+def _export_module(model: Llama, hf_name: str) -> tuple[nn.Module, str]:
+    """(module, "weight" | "bias") holding a parameter to export; LoRA and other wrappers must be merged first."""
     module_name, kind = hf_name.rsplit(".", 1)
     module = model.get_submodule(module_name)
-    if isinstance(module, Linear4bit) and kind == "weight":
-        w = module.dequantize(torch.float32)
-    elif isinstance(module, (nn.Linear, nn.Embedding, RMSNorm, Linear4bit)):
-        w = getattr(module, kind)
-    else:
+    if not isinstance(module, (nn.Linear, nn.Embedding, RMSNorm, Linear4bit)):
         raise ValueError(f"{module_name} is a {type(module).__name__}, not a plain or 4-bit Linear: merge LoRA "
                          "adapters into the weights (merge_lora) before exporting to GGUF")
-    return w.detach().to("cpu", torch.float32)
+    return module, kind
 
 
 def _export_shape(model: Llama, hf_name: str) -> list[int]:
-    module_name, kind = hf_name.rsplit(".", 1)
-    module = model.get_submodule(module_name)
+    module, kind = _export_module(model, hf_name)
     if isinstance(module, Linear4bit) and kind == "weight":
         return [module.out_features, module.in_features]
     return list(getattr(module, kind).shape)
+
+
+def _export_weight(model: Llama, hf_name: str) -> torch.Tensor:
+    """A parameter as float32 on the CPU; 4-bit weights are dequantized."""
+    module, kind = _export_module(model, hf_name)
+    if isinstance(module, Linear4bit) and kind == "weight":
+        return module.dequantize(torch.float32).cpu()
+    return getattr(module, kind).detach().to("cpu", torch.float32)
 
 
 def _export_type(shape, qtype):
@@ -283,7 +288,9 @@ def export_gguf(model: Llama, tokenizer, out_file, dtype: str = "f16", name: str
         raise ValueError(f"dtype must be one of {sorted(EXPORT_TYPES)}, got {dtype!r}")
     qtype, file_type = EXPORT_TYPES[dtype]
     cfg, out_file = model.config, Path(out_file)
-    vocab = gguf_vocab.vocab_from_tokenizer(tokenizer, cfg.vocab_size)  # before writing anything: may raise
+    # Everything that can refuse happens before a file is opened.
+    vocab = gguf_vocab.vocab_from_tokenizer(tokenizer, cfg.vocab_size)
+    plan = [(n, _export_shape(model, n)) for n in hf_names(cfg)]
     tmp = out_file.with_name(out_file.name + f".tmp{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
@@ -313,7 +320,7 @@ def export_gguf(model: Llama, tokenizer, out_file, dtype: str = "f16", name: str
         gguf_vocab.add_to_writer(writer, vocab)
 
         # Two passes so only one tensor is ever materialized: the header needs every shape and size up front.
-        plan = [(n, _export_shape(model, n)) for n in hf_names(cfg)]
+        # Tensor infos first (shape in numpy order; uint8 byte shapes for block types), then the data in order.
         for gname, x in extra.items():
             writer.add_tensor_info(gname, list(x.shape), np.dtype(np.float32), x.numel() * 4)
         for n, shape in plan:
@@ -355,4 +362,4 @@ def load_tokenizer(gguf_path, cache_dir=None):
     gguf_path = Path(gguf_path)
     out = Path(cache_dir) if cache_dir is not None else gguf_path.with_name(gguf_path.name + ".tokenizer")
     export_tokenizer(gguf_path, out)
-    return gguf_vocab.Tokenizer.from_pretrained(out)
+    return Tokenizer.from_pretrained(out)

@@ -302,7 +302,7 @@ def test_missing_tensor_and_wrong_shape(hf_copy):
     sd = load_file(hf_copy / "model.safetensors")
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, hf_copy / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    with pytest.raises(ValueError, match=r"model\.safetensors: missing tensor 'model\.layers\.1\.mlp\.up_proj\."):
         load_pretrained(hf_copy, quantize=None)
     edit_config(hf_copy, intermediate_size=192)
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \[256, 128\], the "
