@@ -24,10 +24,17 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from . import gguf_io, ops, quant
+from . import ops, quant
 from .linear4bit import Linear4bit
 from .model import Llama, LlamaConfig
 from .quant import QuantState
+
+try:
+    from . import gguf_io  # needs the optional `gguf` package (extra [gguf]); only GGUF files use it
+except ModuleNotFoundError as e:
+    if e.name != "gguf":
+        raise
+    gguf_io = None
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # quantized by default
@@ -133,6 +140,8 @@ def _open(path: Path):
         if path.suffix in PICKLE_SUFFIXES:
             _refuse_pickle([path.name], path.parent)
         if _is_gguf(path):
+            if gguf_io is None:
+                raise ImportError(f"{path}: reading GGUF files needs the gguf package (pip install 'minqlora[gguf]')")
             ckpt = gguf_io.GGUFCheckpoint(path)
             return _GGUFSource(ckpt), ckpt.config
         raise ValueError(f"{path}: neither a GGUF file nor a checkpoint directory")

@@ -43,7 +43,7 @@ class Vocab:
     types: list[int]                   # gguf.TokenType per id
     scores: list[float] | None = None  # sentencepiece piece scores (merge priority); llama only
     merges: list[str] | None = None    # "a b" merge rules in priority order; gpt2 only
-    pre: str = "default"               # llama.cpp's pre-tokenizer name (gpt2) 
+    pre: str = "default"               # llama.cpp's pre-tokenizer name (gpt2)
     ids: dict | None = None            # {"bos": id or None, "eos", "unk", "pad"}
     add_bos: bool = True
     add_eos: bool = False

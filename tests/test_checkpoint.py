@@ -365,3 +365,23 @@ def test_save_refuses_lora_and_mixed_settings(hf_models, tmp_path):
         save_pretrained(model, tmp_path)
     assert not list(tmp_path.iterdir())
 
+
+
+def test_imports_without_the_optional_gguf_package(hf_models, tmp_path):
+    """gguf is an optional extra: HF directories load without it, and a GGUF file says what is missing."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["gguf"] = None  # makes `import gguf` fail as if it were not installed
+        import torch
+        from minqlora.checkpoint import load_pretrained
+        load_pretrained({str(hf_models["gqa"][1])!r}, quantize=None, dtype=torch.float32)
+        try:
+            load_pretrained(sys.argv[1])
+        except ImportError as e:
+            print("refused:", e)
+    """)
+    gguf_file = tmp_path / "fake.gguf"
+    gguf_file.write_bytes(b"GGUF" + bytes(28))
+    out = subprocess.run([sys.executable, "-c", script, str(gguf_file)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    assert "refused:" in out.stdout and "needs the gguf package" in out.stdout
