@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_pretrained
+from .checkpoint import gguf_io, load_pretrained  # gguf_io is None without the optional `gguf` package
 from .data import IGNORE_INDEX, BatchLoader, Batch, iter_batches, load_sft_data, make_rows, packed_attention_mask
-from .gguf_io import load_tokenizer as load_gguf_tokenizer
 from .lora import DEFAULT_TARGETS, add_lora, lora_modules, save_adapter, trainable_summary
 from .optim import PagedAdamW
 from .sft_state import (METRICS_NAME, PLOT_NAME, Interrupt, load_checkpoint, memory_gb, model_identity, plot_losses,
@@ -295,6 +294,9 @@ def run(config: TrainConfig) -> dict:
                           "cpu" if config.device == "auto" else config.device)
     model = load_pretrained(config.model, quantize=config.quantize, device=device)
     source = Path(config.tokenizer or config.model)
-    tokenizer = load_gguf_tokenizer(source) if source.is_file() else Tokenizer.from_pretrained(source)
+    if source.is_file() and gguf_io is None:
+        raise ImportError(f"{source} is a GGUF file: its tokenizer needs the `gguf` package (pip install "
+                          "'minqlora[gguf]')")
+    tokenizer = gguf_io.load_tokenizer(source) if source.is_file() else Tokenizer.from_pretrained(source)
     return train(model, tokenizer, config)
 
