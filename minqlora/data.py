@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import torch
 
@@ -117,7 +118,7 @@ def record_shape(record: dict, where: str) -> str:
     else:
         raise ValueError(f"{where}: unknown record shape, keys seen: {sorted(keys)}; expected one of: {SHAPES}")
     for name in fields:
-        if name in record and not isinstance(record[name], str):
+        if name in record and not isinstance(record[name], str) and not (name == "input" and record[name] is None):
             raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
     if shape == "messages":
         _check_messages(record["messages"], where)
@@ -173,14 +174,16 @@ def tokenize_record(record: dict, tokenizer: Tokenizer, prompt_format: str = "au
 def _chat_example(messages: list[dict], tokenizer: Tokenizer, where: str) -> Example:
     """Render the whole chat once; each assistant turn is the text between the prompt that asks for it
     (messages before it + generation prompt) and the chat rendered through it."""
-    full = tokenizer.apply_chat_template(messages)
+    try:
+        full = tokenizer.apply_chat_template(messages)
+        prefixes = [(i, tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True),
+                     tokenizer.apply_chat_template(messages[:i + 1]))
+                    for i, m in enumerate(messages) if m["role"] == "assistant"]
+    except jinja2.TemplateError as e:  # e.g. Llama-2's template refuses roles that do not alternate
+        raise ValueError(f"{where}: the chat template refused these messages: {e}") from None
     ids = tokenizer.encode(full, add_bos=False, add_eos=False)  # the template writes BOS itself
     spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start_text = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        end_text = tokenizer.apply_chat_template(messages[:i + 1])
+    for i, start_text, end_text in prefixes:
         if not (full.startswith(start_text) and full.startswith(end_text)):
             raise ValueError(f"{where}: the chat template does not render messages[:{i}] as a prefix of the whole "
                              "chat, so assistant turn boundaries cannot be found; use a prefix-stable template")

@@ -57,7 +57,7 @@ class TrainConfig:
     # -- LoRA (QLoRA §4 found adapters on every linear layer necessary to match 16-bit fine-tuning)
     lora_r: int = 16  # adapter rank
     lora_alpha: float = 32  # scale alpha / r = 2
-    lora_dropout: float = 0.05  # QLoRA §5 / Appendix B: 0.05 for models up to 13B
+    lora_dropout: float = 0.05  # QLoRA Appendix B: 0.05 helped 7B and 13B models
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # all seven projections of every decoder layer
     # -- data
     seq_len: int = 1024  # tokens per example (and per packed row) at most
@@ -135,7 +135,7 @@ def token_loss_sum(model, batch: Batch, device: torch.device, bf16: bool) -> tor
     """
     targets = batch.labels[:, 1:].reshape(-1)  # (B*(T-1),) logits at t predict labels at t+1
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) on the CPU
-    mask = packed_attention_mask(batch.segment_ids).to(device) if batch.packed else None
+    mask = packed_attention_mask(batch.segment_ids.to(device)) if batch.packed else None  # (B, 1, T, T), built there
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = model.model(batch.input_ids.to(device), attention_mask=mask,
                              position_ids=batch.position_ids.to(device))  # (B, T, H)

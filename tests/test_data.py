@@ -70,6 +70,7 @@ def test_alpaca_plain_uses_the_alpaca_prompts(sp_tok):
     ex = tokenize_record({"instruction": "count", "input": "", "output": "one"}, sp_tok)
     assert ex.input_ids == sp_tok.encode(ALPACA_PROMPT_NO_INPUT.format(instruction="count") + "one", add_eos=True)
     assert tokenize_record({"instruction": "count", "output": "one"}, sp_tok).input_ids == ex.input_ids
+    assert tokenize_record({"instruction": "count", "input": None, "output": "one"}, sp_tok).input_ids == ex.input_ids
 
 
 def test_messages_train_only_assistant_turns(chat_tok):
@@ -162,6 +163,9 @@ def test_bad_input_errors_name_file_line_and_keys(tmp_path, sp_tok):
         read_jsonl(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match="prompt_format must be one of"):
         tokenize_record({"text": "a"}, sp_tok, "fancy")
+    write_jsonl(path, [{"messages": [{"role": "assistant", "content": "hi"}]}])  # Llama-2 needs a user first
+    with pytest.raises(ValueError, match=rf"{path}:1: the chat template refused these messages: .*alternating"):
+        load_sft_data(path, sp_tok, 64)
     write_jsonl(path, [{"text": "ok"}])
     with pytest.raises(ValueError, match="overflow one of .* got 'auto' and 'wrap'"):
         load_sft_data(path, sp_tok, 64, overflow="wrap")
