@@ -47,6 +47,8 @@ TORCH_LIBRARY(minqlora, m) {
   // CUDA unified memory (cudaMallocManaged) for paged optimizer state; refuses to allocate more than the GPU has
   // free. CUDA builds only.
   m.def("managed_empty(int[] size, ScalarType dtype, Device device) -> Tensor");
+  // Bytes handed out by managed_empty and not yet freed (a host query, no tensors).
+  m.def("managed_bytes_in_use() -> int");
   // cudaMemPrefetchAsync of a managed tensor to `device` (a GPU, or the CPU) on the current stream.
   m.def("prefetch_managed(Tensor t, Device device) -> ()");
 }

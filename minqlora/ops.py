@@ -204,9 +204,33 @@ def has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("minqlora::adamw_step_32bit", "CUDA")
 
 
+def _check_adamw_args(p: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float, step: int,
+                      states: dict) -> None:
+    """The kernels' checks (csrc/optim_checks.h), done here first so bad input raises ValueError naming the
+    argument before any kernel runs. states: name -> (tensor, dtype, numel)."""
+    if p.dtype not in quant.FLOAT_DTYPES or p.numel() == 0:
+        raise ValueError(f"p must be a non-empty float32, float16 or bfloat16 tensor, got {p.dtype} {tuple(p.shape)}")
+    if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+        raise ValueError(f"grad must match p ({p.dtype} {tuple(p.shape)} on {p.device}), got {grad.dtype} "
+                         f"{tuple(grad.shape)} on {grad.device}")
+    for name, (t, dtype, numel) in states.items():
+        if t.dtype != dtype or t.numel() != numel or t.device != p.device:
+            raise ValueError(f"{name} must be {numel} values of {dtype} on {p.device}, got {t.numel()} of {t.dtype} "
+                             f"on {t.device}")
+    if not all(t.is_contiguous() for t in (p, grad, *(v[0] for v in states.values()))):
+        raise ValueError("p, grad and the state tensors must be contiguous")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")
+    if int(step) < 1:
+        raise ValueError(f"step must be >= 1 (the count including this update), got {step}")
+
+
 def adamw_step_32bit(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
     """One AdamW step with float32 m, v (p any float dtype, contiguous); p, exp_avg, exp_avg_sq change in place."""
+    n = p.numel()
+    _check_adamw_args(p, grad, beta1, beta2, step, {"exp_avg": (exp_avg, torch.float32, n),
+                                                     "exp_avg_sq": (exp_avg_sq, torch.float32, n)})
     _ops.adamw_step_32bit(p, grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2), float(eps),
                           float(weight_decay), int(step))
 
@@ -217,19 +241,43 @@ def adamw_step_8bit(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
                     weight_decay: float, step: int) -> None:
     """One AdamW step with m, v as uint8 codes (signed / unsigned dynamic map, blocks of 256 with float32 absmax);
     p, the codes and the absmax vectors change in place."""
+    n, nb = p.numel(), -(-p.numel() // 256)
+    _check_adamw_args(p, grad, beta1, beta2, step, {
+        "exp_avg": (exp_avg, torch.uint8, n), "exp_avg_sq": (exp_avg_sq, torch.uint8, n),
+        "exp_avg_absmax": (exp_avg_absmax, torch.float32, nb),
+        "exp_avg_sq_absmax": (exp_avg_sq_absmax, torch.float32, nb),
+        "map_signed": (map_signed, torch.float32, 256), "map_unsigned": (map_unsigned, torch.float32, 256)})
     _ops.adamw_step_8bit(p, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, map_signed, map_unsigned,
                          float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step))
 
 
 def managed_empty(size, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialized tensor in CUDA unified memory on `device`. Raises RuntimeError rather than hand out more
-    managed memory than the GPU has free."""
+    managed memory than the GPU has free (checked here, then again atomically with the allocation in C++)."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"managed memory lives on a CUDA device, got {device}")
     if not has_cuda_kernels():
         raise RuntimeError("managed memory needs minqlora built with CUDA (this build has CPU kernels only)")
-    return _ops.managed_empty(list(size), dtype, device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    size = [int(d) for d in size]
+    if any(d < 0 for d in size):
+        raise ValueError(f"size must be non-negative, got {size}")
+    nbytes = torch.Size(size).numel() * dtype.itemsize
+    free, total = torch.cuda.mem_get_info(device)
+    live = _ops.managed_bytes_in_use()
+    if live + nbytes > free:
+        raise RuntimeError(f"refusing to allocate {nbytes} bytes of CUDA managed memory on {device}: {live} bytes are "
+                           f"already allocated as managed memory and the GPU has only {free} of {total} bytes free. "
+                           f"Oversubscribing unified memory can hang a shared GPU; use paging='host' (optimizer state "
+                           f"in pinned host memory) instead.")
+    return _ops.managed_empty(size, dtype, device)
+
+
+def managed_bytes_in_use() -> int:
+    """Bytes of CUDA managed memory that managed_empty has handed out and that are not yet freed (all devices)."""
+    return _ops.managed_bytes_in_use() if has_cuda_kernels() else 0
 
 
 def prefetch_managed(t: torch.Tensor, device) -> None:

@@ -20,8 +20,8 @@ Paging applies to CUDA parameters. On a CPU all state is ordinary CPU tensors, w
 - "managed": the state of parameters with >= 100,000 elements in CUDA unified memory, prefetched to the GPU before
   the parameter's update; the driver pages it out under memory pressure (bitsandbytes' paged optimizers). It never
   allocates more managed memory than the GPU has free: it raises instead (oversubscription can hang a shared GPU).
-- "host": all state in pinned host memory, streamed through a fixed GPU buffer of host_buffer_bytes (two slots, a
-  side stream, events): while the kernel updates one chunk, the last one is copied back and the next one in. The
+- "host": all state in pinned host memory, streamed through a fixed GPU buffer of host_buffer_bytes (two slots,
+  side streams, events): while the kernel updates one chunk, the last one is copied back and the next one in. The
   GPU holds only that buffer for optimizer state. The copies back finish asynchronously: state_dict() and
   load_state_dict() wait for them; call synchronize() before reading `optimizer.state` yourself.
 - None: ordinary tensors on the parameter's device.
@@ -106,18 +106,19 @@ def adamw_step_8bit_ref(p, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq
 # ---------------------------------------------------------------------------------------------------------------
 
 class _HostPager:
-    """Double-buffered streaming of one device's host-resident state. Per chunk i (slot i % 2): the side stream
-    copies the chunk in and records `loaded`; the current stream waits for it, runs the update kernel, records
-    `updated`; the side stream waits for that, copies the chunk back, then copies chunk i + 2 into the same slot.
-    So the kernel of chunk i overlaps the copy back of i - 1 and the copy in of i + 1."""
+    """Double-buffered streaming of one device's host-resident state, on two side streams so copies in and copies
+    back run at once (PCIe is full duplex). Per chunk i, in slot i % 2: the copy-in stream waits until chunk i - 2
+    has left the slot (`freed`), copies chunk i in and records `loaded`; the current stream waits for that, runs the
+    update kernel and records `updated`; the copy-back stream waits for that, copies the chunk out and records
+    `freed`. So the kernel of chunk i overlaps the copy back of i - 1 and the copy in of i + 1."""
 
     def __init__(self, device: torch.device, slot_bytes: int):
-        self.stream = torch.cuda.Stream(device)
+        self.copy_in, self.copy_back = torch.cuda.Stream(device), torch.cuda.Stream(device)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
-        for slot in self.slots:
-            slot.record_stream(self.stream)  # used on the side stream too: the allocator must know when freed
-        self.loaded = [torch.cuda.Event(), torch.cuda.Event()]
-        self.updated = [torch.cuda.Event(), torch.cuda.Event()]
+        for slot in self.slots:  # used on the side streams too: the allocator must know before reusing them
+            slot.record_stream(self.copy_in)
+            slot.record_stream(self.copy_back)
+        self.loaded, self.updated, self.freed = ([torch.cuda.Event(), torch.cuda.Event()] for _ in range(3))
         self.done = None  # event after the last copy back
 
     def capacity(self, eight_bit: bool) -> int:
@@ -139,14 +140,19 @@ class _HostPager:
     def run(self, work, update) -> None:
         """work: (p_chunk, g_chunk, host_tensors, group, step); update(p, g, state_tensors, group, step)."""
         main = torch.cuda.current_stream(self.slots[0].device)
-        self.stream.wait_stream(main)  # slots may reuse memory main-stream work freed just before
+        # Copies in wait for main-stream work (slot memory may have been freed by it just before) and for the
+        # previous step's copies back (they free the slots and write the host state read here).
+        self.copy_in.wait_stream(main)
+        self.copy_in.wait_stream(self.copy_back)
         views = [self.views(i % 2, host.keys(), p.numel()) for i, (p, _, host, _, _) in enumerate(work)]
 
         def load(i):
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.copy_in):
+                if i >= 2:
+                    self.copy_in.wait_event(self.freed[i % 2])  # chunk i - 2 has left the slot
                 for name, src in work[i][2].items():
                     views[i][name].copy_(src, non_blocking=True)
-                self.loaded[i % 2].record(self.stream)
+                self.loaded[i % 2].record(self.copy_in)
 
         for i in range(min(2, len(work))):
             load(i)
@@ -154,14 +160,15 @@ class _HostPager:
             main.wait_event(self.loaded[i % 2])
             update(p, g, views[i], group, step)
             self.updated[i % 2].record(main)
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(self.updated[i % 2])
+            with torch.cuda.stream(self.copy_back):
+                self.copy_back.wait_event(self.updated[i % 2])
                 for name, dst in host.items():
                     dst.copy_(views[i][name], non_blocking=True)
+                self.freed[i % 2].record(self.copy_back)
             if i + 2 < len(work):
-                load(i + 2)  # queued after chunk i's copy back on the same stream: the slot is free by then
+                load(i + 2)
         self.done = torch.cuda.Event()
-        self.done.record(self.stream)
+        self.done.record(self.copy_back)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -249,14 +249,29 @@ def test_bad_parameters():
     with pytest.raises(ValueError, match="param group 1: lr"):
         opt.add_param_group({"params": make_params([(4,)]), "lr": -1.0})
     assert len(opt.param_groups) == 1
+    # the wrappers check in Python (ValueError); the kernels check again in C++ (RuntimeError)
+    bad_32bit = (torch.zeros(4), torch.zeros(5), torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="grad must match p"):
+        ops.adamw_step_32bit(*bad_32bit, step=1, **HYPER)
     with pytest.raises(RuntimeError, match="grad has shape"):
-        ops.adamw_step_32bit(torch.zeros(4), torch.zeros(5), torch.zeros(4), torch.zeros(4), step=1, **HYPER)
+        torch.ops.minqlora.adamw_step_32bit(*bad_32bit, 1e-2, 0.9, 0.999, 1e-8, 0.0, 1)
+    bad_8bit = (torch.zeros(300), torch.zeros(300), torch.zeros(300, dtype=torch.uint8),
+                torch.zeros(300, dtype=torch.uint8), torch.zeros(1), torch.zeros(2), quant.DYNAMIC_SIGNED,
+                quant.DYNAMIC_UNSIGNED)
+    with pytest.raises(ValueError, match="exp_avg_absmax must be 2 values"):
+        ops.adamw_step_8bit(*bad_8bit, step=1, **HYPER)
     with pytest.raises(RuntimeError, match="exp_avg_absmax has 1 elements, expected 2"):
-        ops.adamw_step_8bit(torch.zeros(300), torch.zeros(300), torch.zeros(300, dtype=torch.uint8),
-                            torch.zeros(300, dtype=torch.uint8), torch.zeros(1), torch.zeros(2), quant.DYNAMIC_SIGNED,
-                            quant.DYNAMIC_UNSIGNED, step=1, **HYPER)
+        torch.ops.minqlora.adamw_step_8bit(*bad_8bit, 1e-2, 0.9, 0.999, 1e-8, 0.0, 1)
+    good = (torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        ops.adamw_step_32bit(*good, step=0, **HYPER)
     with pytest.raises(RuntimeError, match="step must be >= 1"):
-        ops.adamw_step_32bit(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), step=0, **HYPER)
+        torch.ops.minqlora.adamw_step_32bit(*good, 1e-2, 0.9, 0.999, 1e-8, 0.0, 0)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ops.adamw_step_32bit(torch.zeros(4, 2).t(), torch.zeros(2, 4), torch.zeros(8), torch.zeros(8), step=1,
+                             **HYPER)
+    with pytest.raises(ValueError, match="managed memory lives on a CUDA device"):
+        ops.managed_empty([4], torch.float32, "cpu")
 
 
 # ---- state_dict ----

@@ -1,11 +1,13 @@
 // CUDA unified ("managed") memory for paged optimizer state, the way the QLoRA paper's paged optimizers work
 // (QLoRA §3, "Paged Optimizers"; bitsandbytes: cudaMallocManaged + cudaMemPrefetchAsync, bnb-format.md §5):
-//   managed_empty    -> a tensor in cudaMallocManaged memory, freed by its deleter
-//   prefetch_managed -> cudaMemPrefetchAsync of such a tensor to a GPU (before its update) or to the CPU; a no-op
-//                       for ordinary device memory
+//   managed_empty        -> a tensor in cudaMallocManaged memory, freed by its deleter
+//   managed_bytes_in_use -> what managed_empty has handed out and not yet freed
+//   prefetch_managed     -> cudaMemPrefetchAsync of such a tensor to a GPU (before its update) or to the CPU; a
+//                           no-op for ordinary device memory
 // The driver pages state between host and GPU under memory pressure. This file never lets the managed memory it
 // has handed out exceed what the GPU has free at allocation time (cudaMemGetInfo): oversubscribing unified memory
-// can hang a shared GPU, so such a request fails with an error naming the sizes instead. It leaves out the
+// can hang a shared GPU, so such a request fails with an error naming the sizes instead (ops.managed_empty makes
+// the same check in Python first, so the usual refusal is a Python exception). It leaves out the
 // pinned-host streaming mode (paging="host", in minqlora/optim.py) and the update kernels (optim.cu).
 
 #include <ATen/ATen.h>
@@ -43,25 +45,35 @@ at::Tensor managed_empty(c10::IntArrayRef size, at::ScalarType dtype, c10::Devic
   if (numel == 0) return at::empty(size, options);
   const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
 
-  std::lock_guard<std::mutex> lock(g_mutex);
   size_t free_bytes = 0, total_bytes = 0;
-  C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  // Conservative: pages of earlier managed tensors that already sit on the GPU count twice (in g_live_bytes and
-  // as used memory). PagedAdamW allocates all state before its first prefetch, so this rarely bites.
-  TORCH_CHECK(g_live_bytes + nbytes <= static_cast<int64_t>(free_bytes), "refusing to allocate ", nbytes,
-              " bytes of CUDA managed memory on cuda:", index, ": ", g_live_bytes,
-              " bytes are already allocated as managed memory and the GPU has only ", free_bytes, " of ",
-              total_bytes, " bytes free. Oversubscribing unified memory can hang a shared GPU; use "
-              "paging='host' (optimizer state in pinned host memory) instead.");
+  int64_t live = 0;
   void* ptr = nullptr;
-  C10_CUDA_CHECK(cudaMallocManaged(&ptr, static_cast<size_t>(nbytes), cudaMemAttachGlobal));
-  g_live_bytes += nbytes;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    live = g_live_bytes;
+    // Conservative: pages of earlier managed tensors that already sit on the GPU count twice (in g_live_bytes and
+    // as used memory). PagedAdamW allocates all state before its first prefetch, so this rarely bites.
+    if (live + nbytes <= static_cast<int64_t>(free_bytes)) {
+      C10_CUDA_CHECK(cudaMallocManaged(&ptr, static_cast<size_t>(nbytes), cudaMemAttachGlobal));
+      g_live_bytes += nbytes;
+    }
+  }
+  TORCH_CHECK(ptr != nullptr, "refusing to allocate ", nbytes, " bytes of CUDA managed memory on cuda:", index,
+              ": ", live, " bytes are already allocated as managed memory and the GPU has only ", free_bytes,
+              " of ", total_bytes, " bytes free. Oversubscribing unified memory can hang a shared GPU; use "
+              "paging='host' (optimizer state in pinned host memory) instead.");
   auto deleter = [nbytes](void* q) {
     C10_CUDA_CHECK_WARN(cudaFree(q));  // cudaFree synchronizes the device: no kernel still uses q
     std::lock_guard<std::mutex> l(g_mutex);
     g_live_bytes -= nbytes;
   };
   return at::from_blob(ptr, size, deleter, options);
+}
+
+int64_t managed_bytes_in_use() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_live_bytes;
 }
 
 void prefetch_managed(const at::Tensor& t, c10::Device device) {
@@ -95,8 +107,12 @@ void prefetch_managed(const at::Tensor& t, c10::Device device) {
 
 }  // namespace
 
-// managed_empty has no tensor argument to dispatch on, so it registers for every backend and checks its device.
-TORCH_LIBRARY_IMPL(minqlora, CompositeExplicitAutograd, m) { m.impl("managed_empty", &managed_empty); }
+// managed_empty and managed_bytes_in_use have no tensor argument to dispatch on, so they register for every
+// backend (managed_empty checks its device).
+TORCH_LIBRARY_IMPL(minqlora, CompositeExplicitAutograd, m) {
+  m.impl("managed_empty", &managed_empty);
+  m.impl("managed_bytes_in_use", &managed_bytes_in_use);
+}
 
 TORCH_LIBRARY_IMPL(minqlora, CUDA, m) { m.impl("prefetch_managed", &prefetch_managed); }
 

@@ -137,14 +137,26 @@ def test_host_paging_gpu_memory_is_bounded_by_its_buffer(bits):
 
 def test_managed_allocation_refuses_to_oversubscribe():
     free, total = torch.cuda.mem_get_info()
+    before = ops.managed_bytes_in_use()
     with pytest.raises(RuntimeError, match="refusing to allocate"):
         ops.managed_empty([2 * free], torch.uint8, "cuda")
+    assert ops.managed_bytes_in_use() == before
     t = ops.managed_empty([1000, 3], torch.float32, "cuda")
-    assert t.shape == (1000, 3) and t.is_cuda
+    assert t.shape == (1000, 3) and t.is_cuda and ops.managed_bytes_in_use() == before + 12000
     t.fill_(2.0)
     ops.prefetch_managed(t, "cpu")
     ops.prefetch_managed(t, t.device)
     assert t.sum().item() == 6000.0
+    del t
+    assert ops.managed_bytes_in_use() == before
+
+
+def test_bad_input_raises_before_the_kernel():
+    p = torch.zeros(4, device="cuda")
+    with pytest.raises(ValueError, match="grad must match p"):
+        ops.adamw_step_32bit(p, torch.zeros(5, device="cuda"), p.clone(), p.clone(), step=1, **HYPER)
+    with pytest.raises(ValueError, match="exp_avg must be 4 values of torch.float32 on cuda"):
+        ops.adamw_step_32bit(p, p.clone(), torch.zeros(4), p.clone(), step=1, **HYPER)
 
 
 def test_state_dict_across_paging_modes_and_devices():
