@@ -18,8 +18,8 @@ data order (data.py: seeded per epoch), the learning rate (lr_at), dropout masks
 resumed run ends with the same adapter bytes as one that never stopped; metrics.jsonl is cut back to the checkpoint's
 offset, so the lines a killed run wrote after it are written again once, identically.
 
-Leaves out: full fine-tuning (only LoRA parameters train), multi-GPU (distributed.py), command-line flags (cli.py),
-early stopping.
+Leaves out: how checkpoints, the run directory and RNG states are written (sft_state.py), full fine-tuning (only
+LoRA parameters train), multi-GPU (distributed.py), command-line flags (cli.py), early stopping.
 """
 
 from __future__ import annotations
@@ -163,8 +163,9 @@ def evaluate(model, rows, config: TrainConfig, pad_id: int, device: torch.device
 def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
     """Fine-tune `model` (a Llama, on its device; LoRA is added when it has none) on config.data.
 
-    Returns {"step", "loss", "eval_loss", "adapter_dir", "train_stats", "eval_stats"}. Raises FloatingPointError
-    after config.max_bad_steps consecutive non-finite steps and KeyboardInterrupt after a Ctrl-C checkpoint.
+    Seeds torch's global RNG with config.seed (LoRA init, dropout). Returns {"step", "loss", "eval_loss",
+    "adapter_dir", "train_stats", "eval_stats"}. Raises FloatingPointError after config.max_bad_steps consecutive
+    non-finite steps and KeyboardInterrupt after a Ctrl-C checkpoint.
     """
     out = Path(config.output_dir)
     device = next(model.parameters()).device
