@@ -272,10 +272,17 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, past: int, t: int, de
     attention_mask (B, past + T) of 1/0 marks real tokens (left or right padding). Each query also attends to
     itself even when it is padding: a fully masked row would make SDPA return NaN, and NaN values at padded
     keys would then leak through the zero attention weights of later layers.
+    A 4-D boolean (B, 1, T, past + T) mask is used as given: packed rows, where several sequences share a row and
+    attend only within themselves (data.packed_attention_mask).
     """
     if attention_mask is None and (past == 0 or t == 1):
         return None
     s = past + t
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or tuple(attention_mask.shape[1:]) != (1, t, s):
+            raise ValueError(f"a 4-D attention_mask must be boolean (B, 1, {t}, {s}), got {attention_mask.dtype} "
+                             f"{tuple(attention_mask.shape)}")
+        return attention_mask
     q_pos = torch.arange(past, s, device=device)[:, None]
     k_pos = torch.arange(s, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
@@ -303,6 +310,8 @@ class LlamaModel(nn.Module):
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 4:
+                raise ValueError("a 4-D attention_mask needs explicit position_ids (they restart per packed sequence)")
             if attention_mask is not None:
                 # Count only real tokens, so left-padded rows start at position 0 like unpadded ones.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]

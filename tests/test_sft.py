@@ -79,17 +79,6 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def proposed_attention_mask_4d(attention_mask, past, t, device):
-    """model.py's attention_mask_4d plus the branch packing needs: a (B, 1, T, past + T) boolean mask passes
-    through as the caller built it (data.packed_attention_mask). Patched in until model.py has it."""
-    if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask.bool()
-    return ORIGINAL_MASK_4D(attention_mask, past, t, device)
-
-
-ORIGINAL_MASK_4D = minqlora.model.attention_mask_4d
-
-
 def test_loss_counts_only_trained_tokens(tok):
     model = lora_model(tok.vocab_size)
     records = counting_records(3)
@@ -127,8 +116,7 @@ def test_loss_counts_only_trained_tokens(tok):
     assert token_loss_sum(model, noisy, CPU, bf16=False) != loss
 
 
-def test_packing_gives_the_same_loss_and_gradients(tok, monkeypatch):
-    monkeypatch.setattr(minqlora.model, "attention_mask_4d", proposed_attention_mask_4d)
+def test_packing_gives_the_same_loss_and_gradients(tok):
     model = lora_model(tok.vocab_size)
     examples = [tokenize_record(r, tok) for r in counting_records(12)]
     packed_rows = make_rows(examples, seq_len=128, packing=True, seed=0)
