@@ -8,6 +8,7 @@ from .lora import LoRALinear, add_lora, load_adapter, merge_lora, save_adapter, 
 from .model import KVCache, Llama, LlamaConfig
 from .ops import dequantize_4bit, dequantize_blockwise_8bit, gemm_4bit, quantize_4bit, quantize_blockwise_8bit
 from .optim import PagedAdamW
+from .sft import TrainConfig, train
 from .quant import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED, FP4_TABLE, NF4_TABLE, QuantState
 from .tokenizer import Tokenizer
 
@@ -16,7 +17,7 @@ __all__ = [
     "QuantState", "NF4_TABLE", "FP4_TABLE", "DYNAMIC_SIGNED", "DYNAMIC_UNSIGNED",
     "Linear4bit", "LoRALinear", "add_lora", "merge_lora", "save_adapter", "load_adapter", "trainable_summary",
     "Llama", "LlamaConfig", "KVCache", "load_pretrained", "save_pretrained",
-    "GenerationConfig", "generate", "stream_text", "Tokenizer", "PagedAdamW",
+    "GenerationConfig", "generate", "stream_text", "Tokenizer", "PagedAdamW", "TrainConfig", "train",
 ]
 
 # GGUF export needs the optional `gguf` package (extra [gguf]); without it, loading GGUF files says what to install.
