@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import minqlora as mq
 from minqlora import ops, quant
 
-from conftest import float_tensors
+from quant_strategies import float_tensors
 
 
 def blocks_of(x, blocksize):

@@ -20,7 +20,7 @@ import minqlora as mq
 from minqlora import quant
 from minqlora.quant import QuantState
 
-from conftest import float_tensors
+from quant_strategies import float_tensors
 
 
 def normal_block_mask(x, blocksize):
