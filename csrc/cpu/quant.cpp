@@ -3,9 +3,13 @@
 //   dequantize_4bit           -> quant.dequantize_ref (absmax plain or double-quantized, decoded per block)
 //   quantize_blockwise_8bit   -> quant.quantize_blockwise_8bit_ref
 //   dequantize_blockwise_8bit -> quant.dequantize_blockwise_8bit_ref
-// Blocks are independent, so each op is one at::parallel_for over blocks (OpenMP underneath). Inner loops are
-// branch-free where it matters so the compiler vectorizes them. Arithmetic is float32 with no fused multiply-add
-// (setup.py passes -ffp-contract=off), which is what makes the bytes equal to the reference's.
+// Blocks are independent, so each op is one at::parallel_for over blocks (OpenMP underneath). Arithmetic is float32
+// with no fused multiply-add (setup.py passes -ffp-contract=off), which is what makes the bytes equal to the
+// reference's.
+//
+// Two paths with the same bytes: on CPUs with AVX-512 (F, BW, VL; checked once at run time) whole blocks go to the
+// kernels in quant_avx512.h; the portable loops below handle every other CPU and the partial last block.
+// MINQLORA_DISABLE_AVX512=1 in the environment forces the portable loops (to test them on an AVX-512 machine).
 
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
@@ -13,8 +17,16 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../common.h"
+#include "quant_avx512.h"
 
 namespace minqlora {
 namespace {
@@ -26,6 +38,21 @@ constexpr float kNF4Thresholds[15] = {kNF4T0, kNF4T1, kNF4T2,  kNF4T3,  kNF4T4, 
 
 // Rows of at most this many blocks per task keep the per-task overhead small against the work.
 constexpr int64_t kGrain = 16;
+
+// Whether whole blocks of element type T go to the AVX-512 kernels (never for double, which the dispatch macros
+// instantiate but the ops reject).
+template <typename T>
+bool use_avx512() {
+#ifdef MQ_HAVE_AVX512
+  static const bool ok = [] {
+    const char* off = std::getenv("MINQLORA_DISABLE_AVX512");
+    return avx512::supported() && !(off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0);
+  }();
+  return ok && !std::is_same_v<T, double>;
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 float block_absmax(const T* x, int64_t len) {
@@ -67,6 +94,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& x_in, int
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_4bit_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, nb, kGrain, [&](int64_t b0, int64_t b1) {
+#ifdef MQ_HAVE_AVX512
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (use_avx512<scalar_t>()) {
+          const int64_t full = std::min(b1, n / blocksize);  // whole blocks; the partial last one stays below
+          if (qt == kNF4)
+            avx512::quantize_4bit_blocks<scalar_t, avx512::EncodeNF4>(xp, b0, full, blocksize, zero_code, am, out);
+          else
+            avx512::quantize_4bit_blocks<scalar_t, avx512::EncodeFP4>(xp, b0, full, blocksize, zero_code, am, out);
+          b0 = std::max(b0, full);
+        }
+      }
+#endif
       std::vector<uint8_t> codes(blocksize + 1);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
@@ -82,12 +121,38 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& x_in, int
   return {packed, absmax};
 }
 
-// quant.decode_absmax_ref for one block: plain float32, or map[code] * absmax2 + offset with two roundings.
-inline float block_scale(int64_t b, const float* am, const uint8_t* codes, const float* am2, const float* map,
-                         float offset, int64_t nested_bs) {
-  if (codes == nullptr) return am[b];
-  return map[codes[b]] * am2[b / nested_bs] + offset;  // two roundings: -ffp-contract=off
+// at::empty for a large dequantized output. A fresh allocation of many MiB is mmap-ed, and the kernel is its first
+// toucher: with 4 KiB pages a 4096x4096 bf16 output takes 8192 page faults, which on the 2-core VM of DESIGN.md §9
+// cost more than the dequantization itself (fresh 4 KiB pages ~15 ms, huge pages ~7.5 ms, already-faulted memory
+// ~4.3 ms, 2 threads). Advising transparent huge pages on it (as PyTorch's allocator does under
+// THP_MEM_ALLOC_ENABLE=1) turns that into 16 faults. Only the 2 MiB-aligned interior is advised; it is a no-op where
+// THP is off or the pages already exist, and the madvise result is ignored because it is only a hint.
+at::Tensor empty_output(c10::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (out.nbytes() >= 8 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + out.nbytes()) & ~(kHuge - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
 }
+
+// quant.decode_absmax_ref for one block: plain float32, or map[code] * absmax2 + offset with two roundings.
+struct AbsmaxDecoder {
+  const float* am;       // plain absmax, or nullptr when double-quantized
+  const uint8_t* codes;  // double quantization: 8-bit codes, absmax2 per 2^nested_shift blocks, map and offset
+  const float* am2;
+  const float* map;
+  float offset;
+  int nested_shift;  // log2(nested_blocksize): a shift, not a 64-bit division per block (~25 cycles each)
+  float operator()(int64_t b) const {
+    if (codes == nullptr) return am[b];
+    return map[codes[b]] * am2[b >> nested_shift] + offset;  // two roundings: -ffp-contract=off
+  }
+};
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                                const c10::optional<at::Tensor>& nested_absmax,
@@ -98,22 +163,33 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   const QuantType qt = parse_quant_type(std::string(quant_type));
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "dtype must be float32, float16 or bfloat16, got ", dtype);
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
   const float* table = qt == kNF4 ? kNF4Table : kFP4Table;
   const uint8_t* in = packed.data_ptr<uint8_t>();
   const bool nested = nested_absmax.has_value();
-  const float* am = nested ? nullptr : absmax.data_ptr<float>();
-  const uint8_t* codes = nested ? absmax.data_ptr<uint8_t>() : nullptr;
-  const float* am2 = nested ? nested_absmax->data_ptr<float>() : nullptr;
-  const float* map = nested ? nested_map->data_ptr<float>() : nullptr;
-  const float offset = static_cast<float>(nested_offset);
+  int nested_shift = 0;  // nested_blocksize is a checked power of two when nested
+  while (nested && (int64_t{1} << nested_shift) < nested_blocksize) ++nested_shift;
+  const AbsmaxDecoder block_scale{nested ? nullptr : absmax.data_ptr<float>(),
+                                  nested ? absmax.data_ptr<uint8_t>() : nullptr,
+                                  nested ? nested_absmax->data_ptr<float>() : nullptr,
+                                  nested ? nested_map->data_ptr<float>() : nullptr, static_cast<float>(nested_offset),
+                                  nested_shift};
   const int64_t nb = ceil_div(n, blocksize);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_4bit_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, nb, kGrain, [&](int64_t b0, int64_t b1) {
+#ifdef MQ_HAVE_AVX512
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (use_avx512<scalar_t>()) {
+          const int64_t full = std::min(b1, n / blocksize);
+          avx512::dequantize_4bit_blocks(in, o, b0, full, blocksize, table, block_scale);
+          b0 = std::max(b0, full);
+        }
+      }
+#endif
       for (int64_t b = b0; b < b1; ++b) {
-        const float a = block_scale(b, am, codes, am2, map, offset, nested_blocksize);
+        const float a = block_scale(b);
         // The 16 possible outputs of this block, then a table lookup per nibble.
         std::array<scalar_t, 16> lut;
         for (int k = 0; k < 16; ++k) lut[k] = static_cast<scalar_t>(table[k] * a);
@@ -148,10 +224,22 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
   for (int k = 0; k < 255; ++k) mid[k] = (m[k] + m[k + 1]) * 0.5f;
   uint8_t* c = codes.data_ptr<uint8_t>();
   float* am = absmax.data_ptr<float>();
+  // The AVX-512 search assumes sorted midpoints (so does lower_bound; a NaN or unsorted map keeps the scalar path).
+  bool sorted = true;
+  for (int k = 0; k < 254; ++k) sorted = sorted && mid[k] <= mid[k + 1];
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_blockwise_8bit_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, nb, kGrain, [&](int64_t b0, int64_t b1) {
+#ifdef MQ_HAVE_AVX512
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (sorted && use_avx512<scalar_t>()) {
+          const int64_t full = std::min(b1, n / blocksize);
+          avx512::quantize_8bit_blocks(xp, b0, full, blocksize, mid.data(), am, c);
+          b0 = std::max(b0, full);
+        }
+      }
+#endif
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
         const float a = block_absmax(xp + start, len);
@@ -177,13 +265,22 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& codes, const at::Tens
   const int64_t n = codes.numel(), nb = ceil_div(n, blocksize);
   TORCH_CHECK(absmax.numel() == nb, "absmax has ", absmax.numel(), " values, expected ", nb);
   const at::Tensor cc = codes.contiguous(), ac = absmax.contiguous(), mc = code_map.contiguous();
-  at::Tensor out = at::empty({n}, codes.options().dtype(dtype));
+  at::Tensor out = empty_output({n}, codes.options().dtype(dtype));
   const uint8_t* c = cc.data_ptr<uint8_t>();
   const float* am = ac.data_ptr<float>();
   const float* m = mc.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_blockwise_8bit_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, nb, kGrain, [&](int64_t b0, int64_t b1) {
+#ifdef MQ_HAVE_AVX512
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (use_avx512<scalar_t>()) {
+          const int64_t full = std::min(b1, n / blocksize);
+          avx512::dequantize_8bit_blocks(c, am, m, o, b0, full, blocksize);
+          b0 = std::max(b0, full);
+        }
+      }
+#endif
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
         for (int64_t i = start; i < start + len; ++i) o[i] = static_cast<scalar_t>(m[c[i]] * am[b]);
