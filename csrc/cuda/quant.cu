@@ -45,8 +45,28 @@ at::Tensor aligned(const at::Tensor& t, int bytes) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % bytes ? c.clone() : c;
 }
 
-constexpr int kQuantK = 4;    // loads in flight per thread in quantize_4bit (64 bytes)
 constexpr int kDequantK = 4;  // packed units per thread in dequantize_4bit
+
+// CTAs of `Kernel` that fit on the current device at once: the size of a persistent grid. Occupancy is per kernel
+// (one static per instantiation); the multiprocessor count is asked each time (cheap, and per device).
+template <auto Kernel>
+int64_t resident_ctas() {
+  static const int per_sm = [] {
+    int b = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel, cuda::kThreads, 0));
+    return b > 0 ? b : 1;
+  }();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return int64_t(per_sm) * sms;
+}
+
+template <typename T, int QT>
+void launch_quantize_4bit(const T* x, int64_t n, int lbs, uint8_t* packed, float* absmax, cudaStream_t stream) {
+  constexpr auto kernel = cuda::quantize_4bit_kernel<T, QT>;
+  const int64_t ctas = std::min(ceil_div(n, cuda::kQuantTile), resident_ctas<kernel>());
+  kernel<<<dim3(ctas), cuda::kThreads, 0, stream>>>(x, n, lbs, packed, absmax);
+}
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& x_in, int64_t blocksize,
                                                       c10::string_view quant_type) {
@@ -63,15 +83,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& x_in, in
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   MQ_DISPATCH_FLOATS(x.scalar_type(), "quantize_4bit_cuda", [&] {
     using T = typename CudaT<scalar_t>::type;
-    const int64_t tile = int64_t(cuda::kThreads) * kQuantK * (16 / sizeof(T));
-    const dim3 grid(ceil_div(n, tile));
     const T* xp = reinterpret_cast<const T*>(x.data_ptr<scalar_t>());
     if (qt == kNF4) {
-      cuda::quantize_4bit_kernel<T, kQuantK, kNF4><<<grid, cuda::kThreads, 0, stream>>>(
-          xp, n, lbs, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+      launch_quantize_4bit<T, kNF4>(xp, n, lbs, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), stream);
     } else {
-      cuda::quantize_4bit_kernel<T, kQuantK, kFP4><<<grid, cuda::kThreads, 0, stream>>>(
-          xp, n, lbs, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+      launch_quantize_4bit<T, kFP4>(xp, n, lbs, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(), stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -123,12 +139,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
   const int64_t n = x.numel(), nb = ceil_div(n, blocksize);
   at::Tensor codes = at::empty({n}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({nb}, x.options().dtype(at::kFloat));
-  const int64_t span = std::max<int64_t>(blocksize, cuda::kThreads);
+  // one warp per quant block, grid-stride beyond 4096 CTAs
+  const int64_t ctas = std::min<int64_t>(ceil_div(nb, cuda::kWarps), 4096);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   MQ_DISPATCH_FLOATS(x.scalar_type(), "quantize_blockwise_8bit_cuda", [&] {
     using T = typename CudaT<scalar_t>::type;
-    cuda::quantize_blockwise_8bit_kernel<T><<<dim3(ceil_div(n, span)), cuda::kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), map.data_ptr<float>(), n, int(blocksize),
+    cuda::quantize_blockwise_8bit_kernel<T><<<dim3(ctas), cuda::kThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr<scalar_t>()), map.data_ptr<float>(), n, log2_int(blocksize),
         codes.data_ptr<uint8_t>(), absmax.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

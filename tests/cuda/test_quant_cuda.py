@@ -379,7 +379,7 @@ def test_ops_launch_on_the_current_stream():
     want = _run_all_ops(x, m)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
-    torch.cuda._sleep(1_000_000_000)  # about 0.5 s of the default stream
+    torch.cuda._sleep(4_000_000_000)  # about 2 s of the default stream
     with torch.cuda.stream(side):
         got = [t.cpu() for t in _run_all_ops(x, m)]  # the copies run on `side` too
     assert not torch.cuda.default_stream().query(), "the default stream should still be sleeping"
