@@ -1,0 +1,7 @@
+"""`python -m minqlora ...`: the same command as the `minqlora` console script (cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
