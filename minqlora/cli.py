@@ -24,7 +24,7 @@ from . import report as report_mod
 from .checkpoint import gguf_io, load_pretrained, save_pretrained
 from .data import has_own_chat_template
 from .generate import GenerationConfig, stream_text
-from .lora import load_adapter, merge_lora
+from .lora import load_adapter, merge_lora, read_adapter_config
 from .sft import TrainConfig, run as run_finetune
 from .tokenizer import Tokenizer
 
@@ -125,6 +125,8 @@ def check_output(path: Path, overwrite: bool, flag: str) -> None:
 def load_model(args, quantize: str | None, dtype: torch.dtype | None = torch.bfloat16, **kwargs):
     """load_pretrained(args.model) on --device, then --adapter if the command has one; prints what it loaded."""
     device = resolve_device(args.device)
+    if getattr(args, "adapter", None):
+        read_adapter_config(args.adapter)  # a bad adapter fails before the model is loaded
     tick = time.perf_counter()
     model = load_pretrained(args.model, quantize=quantize, device=device, dtype=dtype, **kwargs)
     what = f"{quantize.upper()} base" if quantize else "16-bit"
