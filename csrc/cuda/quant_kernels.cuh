@@ -3,8 +3,8 @@
 //   dequantize_4bit_kernel           -> quant.dequantize_ref (double-quantized scales decoded in the kernel)
 //   quantize_blockwise_8bit_kernel   -> quant.quantize_blockwise_8bit_ref
 //   dequantize_blockwise_8bit_kernel -> quant.dequantize_blockwise_8bit_ref
-// Only CUDA headers and ../common.h (the shared encode rules) are used here; tensors, streams and dispatch live in
-// quant.cu. Arithmetic is float32 with explicit round-to-nearest intrinsics (__frcp_rn, __fmul_rn, __fadd_rn), so
+// Only CUDA headers and ../common.h (the shared encode rules) are used here; the launchers are in quant.cu, the
+// torch side (checks, allocation, stream) in quant_ops.cpp. Arithmetic is float32 with explicit round-to-nearest intrinsics (__frcp_rn, __fmul_rn, __fadd_rn), so
 // the bytes match the reference whatever the fast-math flags; setup.py also passes --fmad=false.
 //
 // The 4-bit ops move 2.5 bytes per bf16 element, nearly all of it the 16-bit side, so both kernels are laid out
@@ -186,6 +186,22 @@ __device__ __forceinline__ void load_tile(uint4 (&raw)[K], const T* __restrict__
   }
 }
 
+// The 4-bit codes of one chunk packed into its bytes (element 2j in the high nibble of byte j, byte j in bits
+// 8j..8j+7): s = x * scale, or x / scale when kDivide.
+template <typename T, int QT, bool kDivide>
+__device__ __forceinline__ uint32_t encode_chunk(const uint4& raw, float scale, const Nf4Bin* bins) {
+  constexpr int V = 16 / sizeof(T);
+  uint32_t word = 0;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const float xi = elem<T>(raw, i);
+    const float s = kDivide ? __fdiv_rn(xi, scale) : __fmul_rn(xi, scale);
+    const uint32_t code = QT == kNF4 ? encode_nf4_bins(s, bins) : encode_fp4(s);
+    word |= code << (8 * (i / 2) + (i % 2 ? 0 : 4));
+  }
+  return word;
+}
+
 template <typename T, int K, int QT>
 __device__ __forceinline__ void quantize_tile(const uint4 (&raw)[K], int64_t tile0, int64_t n, int log2_bs,
                                               float* warp_max, const Nf4Bin* bins, uint8_t* __restrict__ packed,
@@ -220,26 +236,20 @@ __device__ __forceinline__ void quantize_tile(const uint4 (&raw)[K], int64_t til
     }
   }
 
-  // scale, encode, pack (element 2j in the high nibble), store
+  // scale, encode, pack, store
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int c = k * kThreads + t;
     const int64_t e0 = tile0 + int64_t(c) * V;
     if (e0 >= n) continue;
     const float a = m[k], inv = __frcp_rn(a);  // IEEE reciprocal, as the reference's torch.reciprocal
-    // scale_value's two edge cases (all-zero block, 1/absmax overflowing) are per block, so test them once
-    const bool plain = a != 0.0f && !(inv > 3.402823466e38f);
-    uint32_t code[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const float xi = elem<T>(raw[k], i);
-      const float s = plain ? __fmul_rn(xi, inv) : scale_value(xi, a, inv);
-      code[i] = QT == kNF4 ? encode_nf4_bins(s, bins) : encode_fp4(s);
-    }
+    // quant._scale's edge cases, decided once per block so the common path is straight-line code: an all-zero
+    // block multiplies by 0 instead of inf (its +-0 inputs give +-0, which encode as 0 does); a block whose
+    // 1/absmax overflows (denormal absmax) divides. (A branch per element cost 2x in throughput.)
+    const uint32_t word = (inv > 3.402823466e38f && a != 0.0f)
+                              ? encode_chunk<T, QT, true>(raw[k], a, bins)
+                              : encode_chunk<T, QT, false>(raw[k], a == 0.0f ? 0.0f : inv, bins);
     if (((c * V) & ((1 << log2_bs) - 1)) == 0) absmax[e0 >> log2_bs] = a;  // first chunk of its block
-    uint32_t word = 0;
-#pragma unroll
-    for (int j = 0; j < V / 2; ++j) word |= (code[2 * j] << 4 | code[2 * j + 1]) << (8 * j);
     if (e0 + V <= n) {
       if constexpr (V == 8) {
         reinterpret_cast<uint32_t*>(packed)[e0 / 8] = word;
