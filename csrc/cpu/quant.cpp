@@ -36,8 +36,24 @@ constexpr float kFP4Table[16] = MQ_FP4_TABLE;
 constexpr float kNF4Thresholds[15] = {kNF4T0, kNF4T1, kNF4T2,  kNF4T3,  kNF4T4,  kNF4T5,  kNF4T6, kNF4T7,
                                       kNF4T8, kNF4T9, kNF4T10, kNF4T11, kNF4T12, kNF4T13, kNF4T14};
 
-// Rows of at most this many blocks per task keep the per-task overhead small against the work.
-constexpr int64_t kGrain = 16;
+// at::parallel_for gives each thread at least this many elements' worth of blocks: 2^18 elements are ~0.1 ms of
+// quantizing on one core. Below that a second thread saves less than its wake-up costs, and on the shared 2-core
+// machine of DESIGN.md §9 a busy second core made the double-quant step (262,144 absmax values) take a median
+// 7.8 ms on two threads against 0.25 ms on one.
+constexpr int64_t kGrainElements = int64_t{1} << 18;
+inline int64_t grain(int64_t blocksize) { return std::max<int64_t>(1, kGrainElements / blocksize); }
+
+// Calls f with the blocksize as a std::integral_constant for the small blocksizes, where fixed trip counts let the
+// compiler unroll a kernel's per-block loops, and with 0 (read the runtime value) for the others.
+template <typename F>
+void with_static_blocksize(int64_t blocksize, F&& f) {
+  switch (blocksize) {
+    case 32: return f(std::integral_constant<int64_t, 32>{});
+    case 64: return f(std::integral_constant<int64_t, 64>{});
+    case 128: return f(std::integral_constant<int64_t, 128>{});
+    default: return f(std::integral_constant<int64_t, 0>{});
+  }
+}
 
 // Whether whole blocks of element type T go to the AVX-512 kernels (never for double, which the dispatch macros
 // instantiate but the ops reject).
@@ -93,15 +109,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& x_in, int
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_4bit_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, nb, kGrain, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nb, grain(blocksize), [&](int64_t b0, int64_t b1) {
 #ifdef MQ_HAVE_AVX512
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (use_avx512<scalar_t>()) {
           const int64_t full = std::min(b1, n / blocksize);  // whole blocks; the partial last one stays below
-          if (qt == kNF4)
-            avx512::quantize_4bit_blocks<scalar_t, avx512::EncodeNF4>(xp, b0, full, blocksize, zero_code, am, out);
-          else
-            avx512::quantize_4bit_blocks<scalar_t, avx512::EncodeFP4>(xp, b0, full, blocksize, zero_code, am, out);
+          with_static_blocksize(blocksize, [&](auto kBlock) {
+            if (qt == kNF4)
+              avx512::quantize_4bit_blocks<scalar_t, avx512::EncodeNF4, kBlock>(xp, b0, full, blocksize, zero_code,
+                                                                                 am, out);
+            else
+              avx512::quantize_4bit_blocks<scalar_t, avx512::EncodeFP4, kBlock>(xp, b0, full, blocksize, zero_code,
+                                                                                 am, out);
+          });
           b0 = std::max(b0, full);
         }
       }
@@ -178,12 +198,14 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_4bit_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, nb, kGrain, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nb, grain(blocksize), [&](int64_t b0, int64_t b1) {
 #ifdef MQ_HAVE_AVX512
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (use_avx512<scalar_t>()) {
           const int64_t full = std::min(b1, n / blocksize);
-          avx512::dequantize_4bit_blocks(in, o, b0, full, blocksize, table, block_scale);
+          with_static_blocksize(blocksize, [&](auto kBlock) {
+            avx512::dequantize_4bit_blocks<kBlock>(in, o, b0, full, blocksize, table, block_scale);
+          });
           b0 = std::max(b0, full);
         }
       }
@@ -230,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_blockwise_8bit_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, nb, kGrain, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nb, grain(blocksize), [&](int64_t b0, int64_t b1) {
 #ifdef MQ_HAVE_AVX512
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (sorted && use_avx512<scalar_t>()) {
@@ -271,7 +293,7 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& codes, const at::Tens
   const float* m = mc.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_blockwise_8bit_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, nb, kGrain, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nb, grain(blocksize), [&](int64_t b0, int64_t b1) {
 #ifdef MQ_HAVE_AVX512
       if constexpr (!std::is_same_v<scalar_t, double>) {
         if (use_avx512<scalar_t>()) {

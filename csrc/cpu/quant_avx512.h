@@ -55,6 +55,23 @@ MQ_AVX512 inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top hal
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
+// 32 consecutive inputs as two float vectors, in the order pack32() below expects. For bf16 they are the even and
+// the odd elements: one 512-bit load holds 16 (even, odd) pairs, and a shift or a mask widens each half for free,
+// without the cross-lane vpmovzxwd (the quantize loop is limited by the shuffle port). Otherwise elements 0..15
+// and 16..31.
+struct Pair {
+  __m512 a, b;
+};
+template <typename T>
+MQ_AVX512 inline Pair load32(const T* p) {
+  return {load16(p), load16(p + 16)};
+}
+MQ_AVX512 inline Pair load32(const c10::BFloat16* p) {
+  const __m512i w = _mm512_loadu_si512(p);
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+}
+
 // ---- float32 -> 16-bit, rounded exactly as the c10 scalar constructors round ----
 
 // c10::detail::round_to_nearest_even: add 0x7FFF plus the lowest kept bit, truncate; NaN -> 0x7FC0.
@@ -92,7 +109,7 @@ MQ_AVX512 inline float block_absmax(const T* x, int64_t len) {
   __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();  // two accumulators hide vmaxps latency
   __mmask16 nan = 0;
   for (int64_t i = 0; i < len; i += 32) {
-    const __m512 v0 = load16(x + i), v1 = load16(x + i + 16);
+    const auto [v0, v1] = load32(x + i);
     nan |= _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
     m0 = _mm512_max_ps(m0, _mm512_abs_ps(v0));
     m1 = _mm512_max_ps(m1, _mm512_abs_ps(v1));
@@ -197,11 +214,24 @@ MQ_AVX512 inline void store_nibbles(uint8_t* dst, __m512i c) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi64_epi8(pairs));
 }
 
+// The 16 bytes of 32 codes computed from load32()'s two vectors.
+template <typename T>
+MQ_AVX512 inline void pack32(const T*, uint8_t* dst, __m512i ca, __m512i cb) {
+  store_nibbles(dst, ca);
+  store_nibbles(dst + 8, cb);
+}
+MQ_AVX512 inline void pack32(const c10::BFloat16*, uint8_t* dst, __m512i even, __m512i odd) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_slli_epi32(even, 4), odd)));
+}
+
 // ---- quant.quantize_4bit_ref, whole blocks [b0, b1) ----
 
-template <typename T, typename Encode>
-MQ_AVX512 void quantize_4bit_blocks(const T* x, int64_t b0, int64_t b1, int64_t bs, uint8_t zero_code, float* am,
-                                    uint8_t* out) {
+// kBlock, when nonzero, is the blocksize as a compile-time constant: fixed trip counts let the compiler unroll the
+// per-block loops, ~25% faster at blocksize 64 (quant.cpp instantiates it for the small blocksizes).
+template <typename T, typename Encode, int64_t kBlock = 0>
+MQ_AVX512 void quantize_4bit_blocks(const T* x, int64_t b0, int64_t b1, int64_t blocksize, uint8_t zero_code,
+                                    float* am, uint8_t* out) {
+  const int64_t bs = kBlock != 0 ? kBlock : blocksize;
   const Encode encode;
   for (int64_t b = b0; b < b1; ++b) {
     const T* xb = x + b * bs;
@@ -212,7 +242,10 @@ MQ_AVX512 void quantize_4bit_blocks(const T* x, int64_t b0, int64_t b1, int64_t 
       continue;
     }
     const Scaler scale(a);
-    for (int64_t i = 0; i < bs; i += 16) store_nibbles(ob + i / 2, encode(scale(load16(xb + i))));
+    for (int64_t i = 0; i < bs; i += 32) {
+      const auto [v0, v1] = load32(xb + i);
+      pack32(xb, ob + i / 2, encode(scale(v0)), encode(scale(v1)));
+    }
   }
 }
 
@@ -220,9 +253,11 @@ MQ_AVX512 void quantize_4bit_blocks(const T* x, int64_t b0, int64_t b1, int64_t 
 
 // One block's 16 possible outputs are table * absmax (16 products, rounded once to T). Each step expands 16 packed
 // bytes into 32 outputs with a table permute.
-template <typename T, typename BlockScale>
-MQ_AVX512 void dequantize_4bit_blocks(const uint8_t* in, T* out, int64_t b0, int64_t b1, int64_t bs,
+// kBlock as for quantize_4bit_blocks.
+template <int64_t kBlock = 0, typename T, typename BlockScale>
+MQ_AVX512 void dequantize_4bit_blocks(const uint8_t* in, T* out, int64_t b0, int64_t b1, int64_t blocksize,
                                       const float* table, const BlockScale& block_scale) {
+  const int64_t bs = kBlock != 0 ? kBlock : blocksize;
   const __m512 tab = _mm512_loadu_ps(table);
   // 32-bit output: even outputs (high nibbles) and odd outputs (low nibbles) interleaved by two vpermt2ps.
   const __m512i lo_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
