@@ -18,6 +18,8 @@ codes; the tests check that, so any other disagreement fails.
 """
 
 import math
+import subprocess
+import sys
 
 import bitsandbytes.functional as bnbf
 import pytest
@@ -230,17 +232,53 @@ def test_unaligned_and_noncontiguous_inputs():
     assert_bitwise(y, y_c, "unaligned packed bytes")
 
 
-def test_kernels_check_devices_and_arguments():
+def test_wrappers_refuse_bad_input_on_cuda():
     x = sample((256,), torch.float32, seed=10)
-    p, a = OPS.quantize_4bit(x, 64, "nf4")
-    with pytest.raises(RuntimeError, match="absmax"):
-        OPS.dequantize_4bit(p, a.cpu(), None, None, 0.0, 64, 256, "nf4", [256], torch.float32)
-    with pytest.raises(RuntimeError, match="blocksize"):
-        OPS.quantize_4bit(x, 48, "nf4")
-    with pytest.raises(RuntimeError, match="quant_type"):
-        OPS.quantize_4bit(x, 64, "int4")
-    with pytest.raises(RuntimeError, match="code_map"):
-        OPS.quantize_blockwise_8bit(x, quant.DYNAMIC_SIGNED, 256)
+    with pytest.raises(ValueError, match="blocksize"):
+        mq.quantize_4bit(x, blocksize=48)
+    with pytest.raises(ValueError, match="quant_type"):
+        mq.quantize_4bit(x, quant_type="int4")
+    with pytest.raises(ValueError, match="code_map is on cpu"):
+        mq.quantize_blockwise_8bit(x, quant.DYNAMIC_SIGNED, 256)
+    packed, state = mq.quantize_4bit(x, double_quant=False)
+    state.absmax = state.absmax.cpu()
+    with pytest.raises(ValueError, match="absmax on cpu"):
+        mq.dequantize_4bit(packed, state)
+
+
+_RAW_CHECKS = """
+import torch, minqlora
+from minqlora import quant
+OPS = torch.ops.minqlora
+x = torch.randn(256, device="cuda")
+p, a = OPS.quantize_4bit(x, 64, "nf4")
+cases = [
+    ("blocksize must be a power of two", lambda: OPS.quantize_4bit(x, 48, "nf4")),
+    ("quant_type must be", lambda: OPS.quantize_4bit(x, 64, "int4")),
+    ("absmax has 3 values", lambda: OPS.dequantize_4bit(p, a[:3], None, None, 0.0, 64, 256, "nf4", [256],
+                                                        torch.float32)),
+    ("code_map", lambda: OPS.quantize_blockwise_8bit(x, quant.DYNAMIC_SIGNED, 256)),
+]
+for want, call in cases:
+    try:
+        call()
+    except RuntimeError as e:
+        assert want in str(e), (want, str(e))
+        print("raised:", want, flush=True)
+    else:
+        raise SystemExit("no error for " + want)
+"""
+
+
+def test_kernels_check_arguments_themselves_on_cuda():
+    """Called directly, bypassing the Python checks, the CUDA kernels refuse bad input with a RuntimeError naming the
+    argument. Run in a child process: on the GPU machine (H200, torch 2.11+cu130, 2026-11-29) any TORCH_CHECK that
+    fails inside minqlora._C kills the process with SIGSEGV instead of raising; the CUDA glue is host-compiled
+    (quant_ops.cpp) and the optimizer ops showed the same (commit e04908d), so the cause is in how the extension is
+    built or loaded there, not in these kernels. This test stays red until that is fixed."""
+    proc = subprocess.run([sys.executable, "-c", _RAW_CHECKS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (f"child exited with {proc.returncode} (negative: killed by that signal) after "
+                                  f"{proc.stdout.count('raised:')} of 4 checks raised\n{proc.stdout}{proc.stderr[-2000:]}")
 
 
 def test_more_than_2_31_elements():
