@@ -2,10 +2,11 @@
 //   quantize_4bit, dequantize_4bit, quantize_blockwise_8bit, dequantize_blockwise_8bit.
 // The torch side only: argument checks (../common.h, shared with the CPU kernels), output allocation, the device
 // guard, the current stream, the launch check. The launchers and kernels are in quant.cu / quant_kernels.cuh.
-// This file is compiled by the host compiler, like the CPU kernels: an error thrown from the nvcc-compiled file
-// that held this glue before crashed the process (seen on H200 with torch 2.11, 2026-11-29), so no torch code
-// runs in nvcc-compiled code. gemm_4bit and gemm_4bit_grad_input are not here: ../gemm.cpp composes them from
-// dequantize_4bit and a matmul for every backend.
+// It is compiled by the host compiler, like the CPU kernels, so no torch code is compiled by nvcc. (On the GPU
+// machine, H200 with torch 2.11, 2026-11-29, a failing TORCH_CHECK here still kills the process with SIGSEGV, as it
+// did from the nvcc-compiled glue this file replaced and from the optimizer ops: the cause lies outside these
+// files; tests/cuda/test_quant_cuda.py keeps a test for it.) gemm_4bit and gemm_4bit_grad_input are not here:
+// ../gemm.cpp composes them from dequantize_4bit and a matmul for every backend.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
