@@ -55,20 +55,16 @@ void with_static_blocksize(int64_t blocksize, F&& f) {
   }
 }
 
-// Whether whole blocks of element type T go to the AVX-512 kernels (never for double, which the dispatch macros
-// instantiate but the ops reject).
-template <typename T>
-bool use_avx512() {
 #ifdef MQ_HAVE_AVX512
+// Whether whole blocks go to the AVX-512 kernels: decided once per process.
+bool use_avx512() {
   static const bool ok = [] {
     const char* off = std::getenv("MINQLORA_DISABLE_AVX512");
     return avx512::supported() && !(off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0);
   }();
-  return ok && !std::is_same_v<T, double>;
-#else
-  return false;
-#endif
+  return ok;
 }
+#endif
 
 template <typename T>
 float block_absmax(const T* x, int64_t len) {
@@ -112,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& x_in, int
     at::parallel_for(0, nb, grain(blocksize), [&](int64_t b0, int64_t b1) {
 #ifdef MQ_HAVE_AVX512
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        if (use_avx512<scalar_t>()) {
+        if (use_avx512()) {
           const int64_t full = std::min(b1, n / blocksize);  // whole blocks; the partial last one stays below
           with_static_blocksize(blocksize, [&](auto kBlock) {
             if (qt == kNF4)
@@ -201,7 +197,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
     at::parallel_for(0, nb, grain(blocksize), [&](int64_t b0, int64_t b1) {
 #ifdef MQ_HAVE_AVX512
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        if (use_avx512<scalar_t>()) {
+        if (use_avx512()) {
           const int64_t full = std::min(b1, n / blocksize);
           with_static_blocksize(blocksize, [&](auto kBlock) {
             avx512::dequantize_4bit_blocks<kBlock>(in, o, b0, full, blocksize, table, block_scale);
@@ -255,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
     at::parallel_for(0, nb, grain(blocksize), [&](int64_t b0, int64_t b1) {
 #ifdef MQ_HAVE_AVX512
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        if (sorted && use_avx512<scalar_t>()) {
+        if (sorted && use_avx512()) {
           const int64_t full = std::min(b1, n / blocksize);
           avx512::quantize_8bit_blocks(xp, b0, full, blocksize, mid.data(), am, c);
           b0 = std::max(b0, full);
@@ -296,7 +292,7 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& codes, const at::Tens
     at::parallel_for(0, nb, grain(blocksize), [&](int64_t b0, int64_t b1) {
 #ifdef MQ_HAVE_AVX512
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        if (use_avx512<scalar_t>()) {
+        if (use_avx512()) {
           const int64_t full = std::min(b1, n / blocksize);
           avx512::dequantize_8bit_blocks(c, am, m, o, b0, full, blocksize);
           b0 = std::max(b0, full);

@@ -1,4 +1,4 @@
-// AVX-512 block kernels behind csrc/cpu/quant.cpp. Same functions of quant.py, same bytes; included only by
+// AVX-512 block kernels behind csrc/cpu/quant.cpp: the same quant.py functions, the same bytes. Included only by
 // quant.cpp, which calls them for whole blocks when the CPU has AVX512F+BW+VL (checked at run time) and keeps its
 // portable scalar loops for everything else (other CPUs, the partial last block, a NaN block's absmax).
 //
@@ -24,8 +24,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cfloat>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -141,7 +141,7 @@ struct Scaler {
 // vpermps; entries past t_14 are never read. NaN compares false everywhere, giving 0 like the scalar count.
 struct Search16 {
   __m512 mid, t3, t1, t0;
-  MQ_AVX512 explicit Search16(const float* t) {  // t: 15 sorted values
+  MQ_AVX512 explicit Search16(const std::array<float, 15>& t) {
     float s3[16], s1[16], s0[16];
     for (int i = 0; i < 16; ++i) {
       s3[i] = t[std::min(i + 3, 14)];
@@ -201,10 +201,10 @@ struct EncodeFP4 {
 
 struct EncodeNF4 {
   Search16 search;
-  MQ_AVX512 EncodeNF4() : search(kThresholds) {}
+  MQ_AVX512 EncodeNF4()
+      : search({kNF4T0, kNF4T1, kNF4T2, kNF4T3, kNF4T4, kNF4T5, kNF4T6, kNF4T7, kNF4T8, kNF4T9, kNF4T10, kNF4T11,
+                kNF4T12, kNF4T13, kNF4T14}) {}
   MQ_AVX512 __m512i operator()(__m512 s) const { return search(s); }
-  static constexpr float kThresholds[15] = {kNF4T0, kNF4T1, kNF4T2,  kNF4T3,  kNF4T4,  kNF4T5,  kNF4T6, kNF4T7,
-                                            kNF4T8, kNF4T9, kNF4T10, kNF4T11, kNF4T12, kNF4T13, kNF4T14};
 };
 
 // quant.pack_nibbles for 16 codes (one per 32-bit lane) -> 8 bytes: lanes 2j and 2j+1 share a 64-bit lane, whose
@@ -221,7 +221,8 @@ MQ_AVX512 inline void pack32(const T*, uint8_t* dst, __m512i ca, __m512i cb) {
   store_nibbles(dst + 8, cb);
 }
 MQ_AVX512 inline void pack32(const c10::BFloat16*, uint8_t* dst, __m512i even, __m512i odd) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_slli_epi32(even, 4), odd)));
+  const __m512i bytes = _mm512_or_si512(_mm512_slli_epi32(even, 4), odd);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(bytes));
 }
 
 // ---- quant.quantize_4bit_ref, whole blocks [b0, b1) ----
@@ -252,8 +253,7 @@ MQ_AVX512 void quantize_4bit_blocks(const T* x, int64_t b0, int64_t b1, int64_t 
 // ---- quant.dequantize_4bit_ref (after decode_absmax_ref), whole blocks [b0, b1) ----
 
 // One block's 16 possible outputs are table * absmax (16 products, rounded once to T). Each step expands 16 packed
-// bytes into 32 outputs with a table permute.
-// kBlock as for quantize_4bit_blocks.
+// bytes into 32 outputs with table permutes. kBlock as for quantize_4bit_blocks.
 template <int64_t kBlock = 0, typename T, typename BlockScale>
 MQ_AVX512 void dequantize_4bit_blocks(const uint8_t* in, T* out, int64_t b0, int64_t b1, int64_t blocksize,
                                       const float* table, const BlockScale& block_scale) {
@@ -291,19 +291,21 @@ MQ_AVX512 void dequantize_4bit_blocks(const uint8_t* in, T* out, int64_t b0, int
 // ---- quant.quantize_blockwise_8bit_ref, whole blocks [b0, b1) ----
 
 // code = #{k : s > mid_k} over 255 sorted midpoints, in two stages: the group g = #{i : s > mid_{16i+15}} (a
-// Search16 over every 16th midpoint), then the 15 midpoints inside group g, one table per position j holding
-// mid_{16g+j} for all g, counted with a permute and a compare each. Past the end the tables hold +inf.
+// Search16 over every 16th midpoint), then the 15 midpoints mid_{16g..16g+14} inside the group, counted with a
+// permute and a compare each from tables row[j][g] = mid_{16g+j}. Sortedness makes the sum exact: every midpoint
+// before the group is below s, mid_{16g+15} and everything after it is not.
 struct Encode8 {
   Search16 group;
   __m512 row[15];
-  static const float* coarse(const float* mid, float* buf) {
-    for (int i = 0; i < 15; ++i) buf[i] = mid[16 * i + 15];
-    return buf;
+  static std::array<float, 15> every_16th(const float* mid) {
+    std::array<float, 15> c;
+    for (int i = 0; i < 15; ++i) c[i] = mid[16 * i + 15];
+    return c;
   }
-  MQ_AVX512 Encode8(const float* mid, float* buf) : group(coarse(mid, buf)) {
+  MQ_AVX512 explicit Encode8(const float* mid) : group(every_16th(mid)) {
     for (int j = 0; j < 15; ++j) {
       float r[16];
-      for (int g = 0; g < 16; ++g) r[g] = 16 * g + j < 255 ? mid[16 * g + j] : INFINITY;
+      for (int g = 0; g < 16; ++g) r[g] = mid[16 * g + j];  // 16 * 15 + 14 = 254, the last midpoint
       row[j] = _mm512_loadu_ps(r);
     }
   }
@@ -320,8 +322,7 @@ struct Encode8 {
 template <typename T>
 MQ_AVX512 void quantize_8bit_blocks(const T* x, int64_t b0, int64_t b1, int64_t bs, const float* mid, float* am,
                                     uint8_t* out) {
-  float buf[15];
-  const Encode8 encode(mid, buf);
+  const Encode8 encode(mid);
   for (int64_t b = b0; b < b1; ++b) {
     const T* xb = x + b * bs;
     uint8_t* ob = out + b * bs;
