@@ -7,6 +7,7 @@ Hopper gets sm_90a so kernels may use its own instructions. Install with
 
 import glob
 import os
+import subprocess
 
 import torch
 from setuptools import setup
@@ -15,6 +16,19 @@ from torch.utils import cpp_extension
 here = os.path.dirname(os.path.abspath(__file__))
 want_cuda = os.environ.get("MINQLORA_CUDA", "1") != "0"
 with_cuda = want_cuda and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def shared_cxx_runtime() -> list[str]:
+    """Link the C++ runtime as the shared libstdc++.so.6 the process already has loaded. A toolchain that ships
+    only a static libstdc++ (seen on the GPU machine: /opt/gcc's g++ 13) otherwise links a private copy into _C,
+    whose locale is never initialized: the first number TORCH_CHECK formats into an error message segfaulted."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return []
+    return [] if os.path.isabs(found) else ["-l:libstdc++.so.6"]
+
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # -ffp-contract=off: no fused multiply-add, so float32 results round exactly like the reference in quant.py.
@@ -33,8 +47,8 @@ if with_cuda:
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch
 
 setup(
-    ext_modules=[ext_cls("minqlora._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
-                         py_limited_api=True)],
+    ext_modules=[ext_cls("minqlora._C", sources, extra_compile_args=extra,
+                         extra_link_args=["-fopenmp", *shared_cxx_runtime()], py_limited_api=True)],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
