@@ -15,4 +15,8 @@ python -m pip install -q torch==2.13.0
 # --no-build-isolation: build against the torch just installed instead of fetching another into a build env.
 python -m pip install -q --no-build-isolation -e ".[test]"
 python -c "import minqlora, torch; print('minqlora ready: torch', torch.__version__)"
-exec python -m pytest -q "$@"
+python -m pytest -q "$@"
+if [ $# -eq 0 ]; then
+  # The portable scalar kernels (CPUs without AVX-512) against the same reference, byte for byte.
+  MINQLORA_DISABLE_AVX512=1 python -m pytest -q tests/test_quant.py tests/test_ops.py tests/test_quant_bnb.py
+fi
