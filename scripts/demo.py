@@ -29,6 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from minqlora.checkpoint import load_pretrained, save_pretrained
 from minqlora.data import read_jsonl
@@ -81,13 +82,14 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
                                          tokenize=True)
 
 
-def answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device) -> list[str]:
+def answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, device,
+            desc: str = "generate") -> list[str]:
     """Greedy replies, left-padded batches; each reply stripped of surrounding whitespace."""
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids)
     pad = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
     model.eval()
     out = []
-    for k in range(0, len(prompts), batch_size):
+    for k in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
         ids = [prompt_ids(tokenizer, p) for p in prompts[k:k + batch_size]]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
@@ -99,10 +101,11 @@ def answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_token
     return out
 
 
-def exact_match(model, tokenizer, records: list[dict], batch_size: int, device) -> tuple[float, list[str]]:
+def exact_match(model, tokenizer, records: list[dict], batch_size: int, device,
+                desc: str = "exact match") -> tuple[float, list[str]]:
     """Share of records whose greedy reply equals the completion exactly (after stripping whitespace)."""
     # An ISO date is 10 tokens (SmolLM2 splits digits) plus the end-of-turn token; 12 shows any longer reply.
-    replies = answers(model, tokenizer, [r["prompt"] for r in records], batch_size, 12, device)
+    replies = answers(model, tokenizer, [r["prompt"] for r in records], batch_size, 12, device, desc)
     hits = sum(reply == r["completion"] for reply, r in zip(replies, records))
     return hits / len(records), replies
 
@@ -144,7 +147,7 @@ def main(argv=None) -> dict:
     test = [r for _, r in read_jsonl(TEST_FILE)][:args.eval_examples]
     eval_batch = 64 if device.type == "cuda" else 25
     tick = time.perf_counter()
-    base_score, base_replies = exact_match(model, tokenizer, test, eval_batch, device)
+    base_score, base_replies = exact_match(model, tokenizer, test, eval_batch, device, "score base")
     timings["score_base_s"] = time.perf_counter() - tick
     print(f"base model: exact match {base_score:.1%} on {len(test)} held-out examples")
 
@@ -164,7 +167,7 @@ def main(argv=None) -> dict:
     train_tokens = sum(s.get("tokens", 0) for s in steps if "skipped" not in s)
 
     tick = time.perf_counter()
-    tuned_score, tuned_replies = exact_match(model, tokenizer, test, eval_batch, device)
+    tuned_score, tuned_replies = exact_match(model, tokenizer, test, eval_batch, device, "score tuned")
     timings["score_tuned_s"] = time.perf_counter() - tick
     print(f"\nexact match on {len(test)} held-out examples: base {base_score:.1%} -> tuned {tuned_score:.1%}")
     samples = []
