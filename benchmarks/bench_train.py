@@ -1,0 +1,130 @@
+"""One QLoRA training step, minqlora against transformers + peft + bitsandbytes, in the same process.
+
+Both sides train the same base model (NF4 + double quantization, bf16 compute, LoRA r=16 / alpha=32 / dropout 0.05
+on all seven projections, gradient checkpointing) on the same random batch, with the full next-token loss over
+every position, gradient clipping at 0.3 and an AdamW step. The step is timed from the forward pass to the
+optimizer's zero_grad; the median of --steps after --warmup is reported with tokens/s and the ratio.
+
+DESIGN.md §9 records the bar on this 2-core CPU: transformers+peft+bitsandbytes takes 4.4 s per step of SmolLM2-135M
+at batch 8 x ~66 tokens (about 120 tok/s); minqlora should be at least 1.5x faster.
+
+    .venv/bin/python benchmarks/bench_train.py --model ~/.cache/minqlora/smollm2-135m-instruct/<file>.gguf
+
+--model takes a GGUF file or a Hugging Face directory (the demo, `bash scripts/demo.sh`, fetches SmolLM2's GGUF).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import peft
+import torch
+import torch.nn.functional as F
+import transformers
+
+from minqlora.checkpoint import load_pretrained, save_pretrained
+from minqlora.lora import add_lora
+from minqlora.optim import PagedAdamW
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LR, CLIP = 2e-4, 0.3
+
+
+def time_steps(step, warmup: int, steps: int, sync) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def minqlora_step(model_path: str, ids: torch.Tensor, device: torch.device):
+    model = load_pretrained(model_path, quantize="nf4", double_quant=True, device=device, dtype=torch.bfloat16)
+    add_lora(model, r=16, alpha=32, dropout=0.05, targets=TARGETS)
+    model.gradient_checkpointing = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = PagedAdamW(params, lr=LR)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(ids)  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def hf_step(hf_dir: str, ids: torch.Tensor, device: torch.device):
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=quant,
+                                                              dtype=torch.bfloat16, device_map={"": device})
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                       target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)  # bitsandbytes' paged AdamW falls back to this on a CPU
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="GGUF file or Hugging Face directory of a Llama model")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=66, help="tokens per sequence")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # transformers reads the same weights as a 16-bit HF checkpoint written by minqlora.
+        base = load_pretrained(args.model, quantize=None, dtype=torch.bfloat16)
+        save_pretrained(base, tmp)
+        vocab = base.config.vocab_size
+        del base
+        ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+        results = {}
+        for name, build, source in (("minqlora", minqlora_step, args.model),
+                                    ("transformers+peft+bnb", hf_step, tmp)):
+            torch.manual_seed(0)
+            times = time_steps(build(source, ids, device), args.warmup, args.steps, sync)
+            results[name] = statistics.median(times)
+
+    tokens = args.batch * args.seq_len
+    print(f"\nQLoRA step, {Path(args.model).name}, batch {args.batch} x {args.seq_len} tokens, {device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps}")
+    for name, t in results.items():
+        print(f"  {name:24s} {t:8.3f} s/step  {tokens / t:8.1f} tok/s")
+    ours, theirs = results["minqlora"], results["transformers+peft+bnb"]
+    print(f"  speedup                  {theirs / ours:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
