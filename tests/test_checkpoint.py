@@ -19,6 +19,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from hf_helpers import unit_scale_
 from minqlora.checkpoint import PROJECTIONS, load_pretrained, parse_size, save_pretrained
 from minqlora.linear4bit import Linear4bit
 from minqlora.model import Llama, LlamaConfig
@@ -36,14 +37,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def random_hf(seed=0, **overrides) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**{**TINY, **overrides})
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0.0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
-    return hf
+    return unit_scale_(transformers.LlamaForCausalLM(cfg).eval())
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,10 @@ from minqlora.cli import build_parser, main
 from minqlora.linear4bit import Linear4bit
 from minqlora.sft import TrainConfig
 from minqlora.tokenizer import Tokenizer
+from test_sft_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sft_helpers import chatml_dir, corpus, counting_records, tiny_model, write_jsonl
 
 COMMANDS = ("quantize", "finetune", "generate", "merge", "export-gguf", "eval", "report")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add spinning on a busy machine
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

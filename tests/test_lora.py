@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minqlora import lora, quant
+from hf_helpers import unit_scale_
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import LoRALinear, add_lora, load_adapter, merge_lora, save_adapter
 from minqlora.model import Llama, LlamaConfig
@@ -48,14 +49,8 @@ def tiny_config(**kw) -> LlamaConfig:
 def hf_llama(cfg: LlamaConfig, seed=0) -> transformers.LlamaForCausalLM:
     """A transformers Llama with O(1) activations (HF's std-0.02 init would make every comparison trivially small)."""
     torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf(), attn_implementation="eager")).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.2)
-            else:
-                p.normal_(0.0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
-    return hf
+    return unit_scale_(transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**cfg.to_hf(), attn_implementation="eager")).eval())
 
 
 def our_llama(hf: transformers.LlamaForCausalLM, cfg: LlamaConfig) -> Llama:

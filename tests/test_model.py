@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from hf_helpers import unit_scale_
 from minqlora.model import KVCache, Llama, LlamaConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -37,16 +38,7 @@ def hf_pair(cfg: LlamaConfig, seed: int = 0) -> tuple[transformers.LlamaForCausa
     """A HF model built from cfg.to_hf() with weights large enough to matter, and ours loaded from its state dict."""
     torch.manual_seed(seed)
     hf_cfg = transformers.LlamaConfig(**cfg.to_hf(), attn_implementation="eager")
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        # HF's init (std 0.02) gives near-zero logits; O(1) activations make the comparison meaningful.
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.2)
-            elif p.ndim == 2:
-                p.normal_(0.0, 1.0 if "embed" in name else p.shape[1] ** -0.5)
-            else:
-                p.normal_(0.0, 0.1)
+    hf = unit_scale_(transformers.LlamaForCausalLM(hf_cfg).eval())
     ours = Llama(cfg).eval()
     assert sorted(ours.state_dict()) == sorted(hf.state_dict())
     ours.load_state_dict(hf.state_dict(), strict=True)

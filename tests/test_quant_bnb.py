@@ -123,7 +123,7 @@ def test_state_dict_equals_bitsandbytes_linear4bit(dtype, blocksize, nested, row
             assert_lookup_table_differences(ours[k], theirs[k], plain, 0.05)  # small tensors put more values near 0
         else:
             assert torch.equal(ours[k], theirs[k]), k
-    blob = json.loads(bytes(theirs[f"weight.quant_state.bitsandbytes__nf4"].tolist()))
+    blob = json.loads(bytes(theirs["weight.quant_state.bitsandbytes__nf4"].tolist()))
     assert blob["dtype"] == str(dtype).removeprefix("torch.")
 
     loaded = QuantState.from_bnb_dict(theirs, "weight")

@@ -16,15 +16,8 @@ from minqlora.data import IGNORE_INDEX
 from minqlora.report import (INT4_LEVELS, VARIANTS, Variant, bits_per_param, int4_roundtrip, limit_tokens, mean_loss,
                              quantizable, quantization_report, roundtrip, text_examples, weight_error, write_report)
 from minqlora.tokenizer import Tokenizer
+from test_sft_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sft_helpers import chatml_dir, corpus, tiny_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add spinning on a busy machine
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,23 +21,15 @@ from safetensors.torch import load_file
 
 import minqlora.model
 from minqlora.checkpoint import save_pretrained
-from minqlora.data import IGNORE_INDEX, collate, load_sft_data, make_rows, tokenize_record
+from minqlora.data import IGNORE_INDEX, collate, make_rows, tokenize_record
 from minqlora.lora import add_lora, lora_modules
 from minqlora.sft import TrainConfig, lr_at, token_loss_sum, train
 from minqlora.tokenizer import Tokenizer
+from test_sft_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sft_helpers import counting_records, sentencepiece_dir, tiny_model, write_jsonl
 
 CPU = torch.device("cpu")
 TIMING = ("tokens_per_s", "mem_gb")  # the only metrics that may differ between identical runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy machine OpenMP's spinning makes them 50x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ Llama, JSONL writers and record generators. No tests here; nothing is downloaded
 import json
 import random
 
+import pytest
 import sentencepiece
 import tokenizers
 import torch
@@ -72,3 +73,13 @@ def counting_records(n: int, seed: int = 0) -> list[dict]:
         words = [rng.choice(WORDS) for _ in range(rng.randint(2, 6))]
         out.append({"prompt": "repeat " + " ".join(words) + " :", "completion": " " + " ".join(words[-2:])})
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy machine OpenMP's spinning makes them 50x slower.
+    Import it into a test module to run that module on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
