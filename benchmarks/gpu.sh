@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The one script for the GPU machine (the device tool's `run`, which sets $OUT): installs bitsandbytes from the
-# carried wheel, builds the extension against the machine's own torch, runs all of tests/cuda, then the GPU
-# benchmarks. Full logs go under $OUT (env.txt, build.log, pytest.log, bench.log, bench_quant.json); a short
-# summary and the benchmark table are printed last.
+# carried wheel, builds the extension against the machine's own torch, then runs the parts named on the command line
+# (default: all), each logging under $OUT, and prints a short summary last.
+#
+#   bash benchmarks/gpu.sh [tests] [gemv] [quant] [generate] [step] [context] ...
+#   TESTS="tests/cuda/test_gemv_cuda.py" bash benchmarks/gpu.sh tests    # a subset of tests/cuda
+#   GEMV_ARGS=--quick bash benchmarks/gpu.sh gemv                        # extra arguments for one benchmark
 #
 # Here, once: .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #   --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
-# Then run with carry [".whl"]: bash benchmarks/gpu.sh
+# Then run with carry [".whl"].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/minqlora-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+parts=${*:-tests gemv quant generate step}
 
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
@@ -33,20 +37,46 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.lo
 fi
 echo "build: $(( $(date +%s) - start )) s"
 
-# Four worker processes (pytest-xdist, in the machine's image): faster, and a test that crashes its process is
-# reported as a failure instead of ending the run.
-start=$(date +%s)
-OMP_NUM_THREADS=4 python3 -m pytest tests/cuda -q -n 4 -rfE --durations=8 -p no:cacheprovider > "$OUT/pytest.log" 2>&1
-tests_rc=$?
-echo "tests/cuda: $(( $(date +%s) - start )) s, exit $tests_rc"
-grep -E "^(FAILED|ERROR)|^E  |crashed" "$OUT/pytest.log" | head -n 40
+rc=0
+summary=()
+bench() {  # bench NAME SCRIPT ARGS...: run one benchmark, log to $OUT/NAME.log
+  local name=$1; shift
+  local s=$(date +%s)
+  python3 "$@" > "$OUT/$name.log" 2>&1
+  local r=$?
+  summary+=("$name: $(( $(date +%s) - s )) s, exit $r")
+  [ $r -eq 0 ] || { rc=1; tail -n 25 "$OUT/$name.log"; }
+}
 
-python3 benchmarks/bench_quant.py --out "$OUT/bench_quant.json" > "$OUT/bench.log" 2>&1
-bench_rc=$?
+for part in $parts; do
+  case $part in
+    tests)
+      # Four worker processes (pytest-xdist): faster, and a test that crashes its process is reported as a failure
+      # instead of ending the run.
+      s=$(date +%s)
+      OMP_NUM_THREADS=4 python3 -m pytest ${TESTS:-tests/cuda} -q -n 4 -rfE --durations=8 -p no:cacheprovider \
+        > "$OUT/pytest.log" 2>&1
+      r=$?
+      summary+=("tests: $(( $(date +%s) - s )) s, exit $r: $(tail -n 1 "$OUT/pytest.log")")
+      [ $r -eq 0 ] || rc=1
+      grep -E "^(FAILED|ERROR)|^E  |crashed" "$OUT/pytest.log" | head -n 40 ;;
+    gemv) bench gemv benchmarks/bench_gemv.py --out "$OUT/gemv.json" --png "$OUT/gemv.png" ${GEMV_ARGS:-} ;;
+    quant) bench quant benchmarks/bench_quant.py --out "$OUT/bench_quant.json" ${QUANT_ARGS:-} ;;
+    generate) bench generate benchmarks/bench_generate.py ${GENERATE_ARGS:-} ;;
+    step) bench step benchmarks/bench_step.py ${STEP_ARGS:-} ;;
+    context) bench context benchmarks/bench_context.py ${CONTEXT_ARGS:-} ;;
+    *) echo "unknown part: $part (tests gemv quant generate step context)"; rc=1 ;;
+  esac
+done
 
 echo
 echo "==== summary ===="
-tail -n 1 "$OUT/pytest.log"
-[ $bench_rc -eq 0 ] || tail -n 30 "$OUT/bench.log"
-grep -A 40 "TB/s" "$OUT/bench.log" | grep -v "kernels-community"
-exit $(( tests_rc || bench_rc ))
+printf '%s\n' "${summary[@]}"
+for part in $parts; do
+  case $part in
+    gemv) sed -n '/^==== gemm_4bit/,$p' "$OUT/gemv.log" ;;
+    quant) grep -A 40 "TB/s" "$OUT/quant.log" | grep -v "kernels-community" ;;
+    generate|step|context) [ -f "$OUT/$part.log" ] && tail -n 30 "$OUT/$part.log" ;;
+  esac
+done
+exit $rc

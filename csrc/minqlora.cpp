@@ -30,6 +30,11 @@ TORCH_LIBRARY(minqlora, m) {
   // y = x @ dequant(W)^T, W of shape (N, K) = shape; x (..., K) -> y (..., N) in x's dtype. (Linear4bit forward)
   m.def("gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
         "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape) -> Tensor");
+  // gemm_4bit through the fused few-row kernel alone (CUDA; x bf16/fp16, K a multiple of 32 and of blocksize):
+  // what gemm_4bit dispatches to for few rows, exposed for tests and benchmarks. rows_per_cta 0 = automatic.
+  m.def("gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
+        "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, "
+        "int rows_per_cta=0) -> Tensor");
   // grad_x = grad_y @ dequant(W): grad_y (..., N) -> (..., K). (Linear4bit backward; W gets no gradient)
   m.def("gemm_4bit_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
         "Tensor? nested_map, float nested_offset, int blocksize, int nested_blocksize, str quant_type, "

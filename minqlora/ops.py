@@ -51,6 +51,12 @@ def _(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, ne
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
+@torch.library.register_fake("minqlora::gemv_4bit")
+def _(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type, shape,
+      rows_per_cta=0):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
 @torch.library.register_fake("minqlora::gemm_4bit_grad_input")
 def _(grad_y, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type,
       shape):
@@ -165,10 +171,26 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
 
 
 def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """y = x · dequant(W)ᵀ for W of state.shape (N, K): x (..., K) -> y (..., N), differentiable in x only."""
+    """y = x · dequant(W)ᵀ for W of state.shape (N, K): x (..., K) -> y (..., N), differentiable in x only.
+
+    On CUDA, few rows of bf16/fp16 x (up to 32, csrc/cuda/gemv_ops.cpp) run the fused 4-bit kernel; more rows,
+    other dtypes and the CPU dequantize the weight and call a matmul."""
     if x.shape[-1] != state.shape[-1]:
         raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {state.shape[-1]}")
     return _ops.gemm_4bit(x, packed, *_state_args(state))
+
+
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per_cta: int = 0) -> torch.Tensor:
+    """The fused CUDA kernel behind gemm_4bit for few rows, called directly (tests, benchmarks): bf16/fp16 x on a
+    GPU, in_features a multiple of 32 and of the blocksize, any number of rows. Not differentiable."""
+    if x.shape[-1] != state.shape[-1]:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {state.shape[-1]}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"gemv_4bit takes bfloat16 or float16 x, got {x.dtype}")
+    if state.shape[-1] % 32 or state.shape[-1] % state.blocksize:
+        raise ValueError(f"gemv_4bit needs in_features ({state.shape[-1]}) to be a multiple of 32 and of the "
+                         f"blocksize ({state.blocksize}); gemm_4bit handles the rest")
+    return _ops.gemv_4bit(x, quant.packed_bytes(packed), *_state_args(state), rows_per_cta)
 
 
 # ---------------------------------------------------------------------------------------------------------------

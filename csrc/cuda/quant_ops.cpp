@@ -5,8 +5,8 @@
 // It is compiled by the host compiler, like the CPU kernels, so no torch code is compiled by nvcc. (On the GPU
 // machine, H200 with torch 2.11, 2026-11-29, a failing TORCH_CHECK here still kills the process with SIGSEGV, as it
 // did from the nvcc-compiled glue this file replaced and from the optimizer ops: the cause lies outside these
-// files; tests/cuda/test_quant_cuda.py keeps a test for it.) gemm_4bit and gemm_4bit_grad_input are not here:
-// ../gemm.cpp composes them from dequantize_4bit and a matmul for every backend.
+// files; tests/cuda/test_quant_cuda.py keeps a test for it.) gemm_4bit is in gemv_ops.cpp (the fused kernel for
+// few rows) and ../gemm.cpp (dequantize_4bit + matmul).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,42 +15,15 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "cuda_glue.h"
 #include "quant_launch.h"
 
 namespace minqlora {
 namespace {
 
-using cuda::Elem;
-
-Elem elem_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return Elem::kF32;
-    case at::kHalf: return Elem::kF16;
-    case at::kBFloat16: return Elem::kBF16;
-    default: TORCH_CHECK(false, "expected float32, float16 or bfloat16, got ", t);
-  }
-}
-
-int log2_int(int64_t v) {  // v is a power of two (check_blocksize)
-  int r = 0;
-  while ((int64_t(1) << r) < v) ++r;
-  return r;
-}
-
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
-}
-
 void check_out_dtype(at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "dtype must be float32, float16 or bfloat16, got ", dtype);
-}
-
-// The kernels read the 16-bit or packed side with vector loads: a tensor viewed at an odd offset into its storage
-// is copied to fresh (512-byte aligned) memory first.
-at::Tensor aligned(const at::Tensor& t, int bytes) {
-  at::Tensor c = t.contiguous();
-  return reinterpret_cast<uintptr_t>(c.data_ptr()) % bytes ? c.clone() : c;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& x_in, int64_t blocksize,

@@ -1,0 +1,34 @@
+// The launcher of the fused 4-bit GEMV / small GEMM (gemv.cu, kernel in gemv_kernels.cuh), callable from plain
+// C++: raw pointers in one struct, the element type as an enum, the stream. It launches and returns an error code;
+// it never throws. The torch side (checks, allocation, dispatch against dequantize + matmul) is gemv_ops.cpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "quant_launch.h"  // Elem
+
+namespace minqlora {
+namespace cuda {
+
+// y (M, N) = x (M, K) · dequant(W (N, K))ᵀ; quant.dequantize_ref gives dequant(W).
+struct GemvArgs {
+  const uint8_t* packed;   // (N·K/2) bytes, bitsandbytes' layout: element 2j in the high nibble of byte j
+  const float* absmax;     // (N·K/bs) float32 scales, or nullptr with double quantization
+  const uint8_t* codes;    // (N·K/bs) uint8 codes of absmax - offset (double quantization), or nullptr
+  const float* absmax2;    // (ceil(N·K/bs / nested_bs),) float32, with codes
+  const float* map;        // (256,) float32 signed dynamic map, with codes
+  float offset;            // nested_offset, with codes
+  const void* x;           // (M, K) contiguous, 16-byte aligned, bf16 or fp16
+  void* y;                 // (M, N) contiguous, x's dtype
+  int M, N, K;             // K % 32 == 0 and K % bs == 0 (the caller checks)
+  int log2_bs, log2_nested_bs;
+  int quant_type;          // kNF4 / kFP4
+};
+
+// t is kBF16 or kF16. rows_per_cta: 16 or 32 output features per CTA, 0 = the launcher's choice.
+cudaError_t launch_gemv_4bit(Elem t, const GemvArgs& args, int rows_per_cta, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace minqlora
