@@ -163,6 +163,29 @@ def run_shape(n: int, k: int, ms, tbs: float) -> list[dict]:
     return rows
 
 
+def overhead() -> dict:
+    """Host µs per call of gemm_4bit's layers at M=1 (4096x4096): the public wrapper, the raw op with prebuilt
+    arguments, the raw op below the autograd key, the fused op alone, and bf16 F.linear for scale."""
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    packed, state = mq.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", double_quant=True)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    args = (x, packed, *ops._state_args(state))
+    raw = torch.ops.minqlora.gemm_4bit.default
+
+    def below_autograd():
+        with torch._C._AutoDispatchBelowAutograd():
+            return raw(*args)
+
+    cases = {"mq.gemm_4bit": lambda: mq.gemm_4bit(x, packed, state), "raw op": lambda: raw(*args),
+             "raw op below autograd": below_autograd,
+             "raw gemv_4bit op": lambda: torch.ops.minqlora.gemv_4bit.default(*args, 0),
+             "F.linear bf16": lambda: F.linear(x, w)}
+    res = {name: eager_us(fn, reps=2000)[1] for name, fn in cases.items()}
+    with torch.inference_mode():
+        res["mq.gemm_4bit (inference_mode)"] = eager_us(lambda: mq.gemm_4bit(x, packed, state), reps=2000)[1]
+    return res
+
+
 def print_table(rows: list[dict], tbs: float) -> None:
     print(f"\n==== gemm_4bit, NF4+DQ blocksize 64, bf16 x; kernel time (CUDA graph, weights beyond L2); copy {tbs:.2f} "
           f"TB/s ====")
@@ -210,12 +233,14 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} bitsandbytes {bnb.__version__}; "
           f"copy {tbs:.2f} TB/s", flush=True)
     rows = [r for n, k in shapes for r in run_shape(n, k, ms, tbs)]
+    host = overhead()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"copy_tbs": tbs, "rows": rows}, f, indent=1)
+            json.dump({"copy_tbs": tbs, "rows": rows, "host_overhead_us": host}, f, indent=1)
     if args.png:
         plot(rows, tbs, args.png)
     print_table(rows, tbs)
+    print("\nhost overhead per call at M=1 (µs): " + ", ".join(f"{k}: {v:.1f}" for k, v in host.items()))
 
 
 if __name__ == "__main__":

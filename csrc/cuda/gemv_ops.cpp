@@ -1,6 +1,6 @@
 // CUDA backend of gemm_4bit (schema in ../minqlora.cpp) and of gemv_4bit, the fused kernel alone. gemm_4bit sends
 // few rows of x (M <= kFusedMaxRows, bf16/fp16, K a multiple of 32 and of the blocksize) to the fused kernel
-// (gemv.cu, gemv_kernels.cuh) and everything else to dequantize + matmul (../gemm.cpp). Host-compiled torch glue:
+// (gemv_bf16.cu, gemv_kernels.cuh) and everything else to dequantize + matmul (../gemm.cpp). Host-compiled torch glue:
 // checks, allocation, the device guard, the current stream, the launch check.
 
 #include <ATen/ATen.h>

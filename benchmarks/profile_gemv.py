@@ -1,0 +1,19 @@
+"""One fused gemm_4bit call per case for Nsight Compute (`ncu`): run it under ncu to read the kernel's achieved DRAM
+bandwidth, issue-slot use and stall reasons, which timings alone cannot show. On the GPU machine:
+
+    ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        --section Occupancy -k regex:gemv python3 benchmarks/profile_gemv.py
+
+Cases: M=1 on 14336x4096 and 4096x4096, M=16 on 14336x4096 (NF4 + double quantization, bf16 x).
+"""
+
+import torch
+
+import minqlora as mq
+
+for (n, k), m in (((14336, 4096), 1), ((4096, 4096), 1), ((14336, 4096), 16)):
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    packed, state = mq.quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    mq.gemm_4bit(x, packed, state)
+    torch.cuda.synchronize()
