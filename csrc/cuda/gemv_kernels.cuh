@@ -94,43 +94,39 @@ __device__ __forceinline__ uint32_t load_stream4(const uint8_t* p) {
   return v;
 }
 
-// Byte offset, within a row, of word q (0..3) of lane t's 16 bytes of chunk c. The lane's bytes come in NBPC runs,
-// one per quantization block of the chunk: run j = q / (4/NBPC) starts at c·64 + j·(64/NBPC) + t·(16/NBPC).
+// Lane t's 16 bytes of a chunk come in NBPC runs, one per quantization block of the chunk: run j starts at byte
+// chunk·64 + j·(64/NBPC) + t·(16/NBPC) of the row, and word q of the lane is in run q / (4/NBPC).
+// The 16 bytes (4 words) of lane t for one row and chunk; p = the row's chunk start + t·(16/NBPC) (run 0).
+// Zeros where the row does not exist or, in the tail chunk, the block run does not (k0 >= K).
 template <int NBPC>
-__device__ __forceinline__ int word_offset(int c, int q, int t) {
-  constexpr int kWordsPerRun = 4 / NBPC;
-  return c * 64 + (q / kWordsPerRun) * (64 / NBPC) + t * (16 / NBPC) + 4 * (q % kWordsPerRun);
-}
-
-// The 16 bytes (4 words) of lane t for one row and chunk; zeros where the row or the block does not exist.
-template <int NBPC>
-__device__ __forceinline__ void load_row_chunk(uint32_t (&w)[4], const uint8_t* row, bool row_ok, int c, int t,
-                                               int K) {
+__device__ __forceinline__ void load_row_chunk(uint32_t (&w)[4], const uint8_t* p, bool row_ok, int k_chunk, int K) {
 #pragma unroll
   for (int j = 0; j < NBPC; ++j) {
-    const int k0 = c * kChunk + j * (kChunk / NBPC);  // first k of block run j (whole blocks: K % bs == 0)
-    const bool ok = row_ok && k0 < K;
-    const uint8_t* p = row + word_offset<NBPC>(c, j * (4 / NBPC), t);
+    const bool ok = row_ok && k_chunk + j * (kChunk / NBPC) < K;  // whole blocks: K % bs == 0
+    const uint8_t* q = p + j * (64 / NBPC);
     if constexpr (NBPC == 1) {
-      const uint4 v = ok ? load_stream16(p) : make_uint4(0, 0, 0, 0);
+      const uint4 v = ok ? load_stream16(q) : make_uint4(0, 0, 0, 0);
       w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
     } else if constexpr (NBPC == 2) {
-      const uint2 v = ok ? load_stream8(p) : make_uint2(0, 0);
+      const uint2 v = ok ? load_stream8(q) : make_uint2(0, 0);
       w[2 * j] = v.x, w[2 * j + 1] = v.y;
     } else {
-      w[j] = ok ? load_stream4(p) : 0u;
+      w[j] = ok ? load_stream4(q) : 0u;
     }
   }
 }
 
-// 8 values of x (one uint4) per word q: the k's that word q's bytes encode, in the same order.
+// 8 values of x (one uint4) per word q: the k's that word q's bytes encode, in the same order. xrow = this lane's
+// token row + 2·(chunk start + t·(16/NBPC)) elements.
 template <int NBPC>
-__device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xrow, bool tok_ok, int c, int t, int K) {
+__device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xrow, bool tok_ok, int k_chunk, int K) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const int off = word_offset<NBPC>(c, q, t);  // byte offset in the packed row = k / 2
-    const bool ok = tok_ok && 2 * off < K;
-    xv[q] = ok ? __ldg(reinterpret_cast<const uint4*>(xrow + 2 * off)) : make_uint4(0, 0, 0, 0);
+    constexpr int kWordsPerRun = 4 / NBPC;
+    const int run = q / kWordsPerRun;
+    const bool ok = tok_ok && k_chunk + run * (kChunk / NBPC) < K;
+    const int off = 2 * (run * (64 / NBPC) + 4 * (q % kWordsPerRun));  // elements past xrow
+    xv[q] = ok ? __ldg(reinterpret_cast<const uint4*>(xrow + off)) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -218,23 +214,40 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_kernel(const Args a) {
     xrows[nt] = static_cast<const uint16_t*>(a.x) + int64_t(tok_ok[nt] ? m : 0) * K;
   }
 
-  auto group_of = [&](int i) { return blockIdx.x + (i / nc) * gridDim.x; };
-  auto chunk_of = [&](int i) { return c_first + i % nc; };
+  // Cursors (chunk, tile group) of the next item to load and of the item being computed: advanced one item at a
+  // time, so no division per item; 32-bit offsets (the launcher keeps N·K < 2^32).
+  const uint8_t* const packed = a.packed;
+  int ld_c = c_first, ld_tg = blockIdx.x;
+  uint32_t row_off[RT][2], scale_off[RT][2];
+  bool row_ok[RT][2];
+  auto set_rows = [&](int tg) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = (tg * RT + r) * kTileRows + g + 8 * h;
+        row_ok[r][h] = n < N;
+        const uint32_t nn = n < N ? uint32_t(n) : 0u;
+        row_off[r][h] = nn * uint32_t(row_bytes) + uint32_t(t * (16 / NBPC));
+        scale_off[r][h] = nn * uint32_t(blocks_per_row);
+      }
+  };
+  set_rows(ld_tg);
 
-  auto load_stage = [&](int i, Stage<NBPC, RT>& st) {
-    const int tg = group_of(i), c = chunk_of(i);
+  auto load_stage = [&](Stage<NBPC, RT>& st) {
+    const int kc = ld_c * kChunk;
+    const bool chunk_ok = ld_c < chunks;
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int n = (tg * RT + r) * kTileRows + g + 8 * h;
-        const bool ok = n < N && c < chunks;
-        load_row_chunk<NBPC>(st.w[r][h], a.packed + int64_t(ok ? n : 0) * row_bytes, ok, c, t, K);
+        const bool ok = row_ok[r][h] && chunk_ok;
+        load_row_chunk<NBPC>(st.w[r][h], packed + row_off[r][h] + uint32_t(ld_c * 64), ok, kc, K);
 #pragma unroll
         for (int j = 0; j < NBPC; ++j) {
-          const int k0 = c * kChunk + j * (kChunk / NBPC);
+          const int k0 = kc + j * (kChunk / NBPC);
           const bool bok = ok && k0 < K;
-          const int64_t idx = int64_t(bok ? n : 0) * blocks_per_row + (bok ? k0 >> a.log2_bs : 0);
+          const uint32_t idx = scale_off[r][h] + uint32_t(k0 >> a.log2_bs);
           if (DQ) {
             st.code[r][h][j] = bok ? __ldg(a.codes + idx) : 0u;
             st.s2[r][h][j] = bok ? __ldg(a.absmax2 + (idx >> a.log2_nested_bs)) : 0.0f;
@@ -243,6 +256,11 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_kernel(const Args a) {
           }
         }
       }
+    }
+    if (++ld_c == c_first + nc) {
+      ld_c = c_first;
+      ld_tg += gridDim.x;
+      set_rows(ld_tg);
     }
   };
 
@@ -258,13 +276,14 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_kernel(const Args a) {
   // x: prefetched one item ahead where it fits in registers (NT <= 2), else read when its item starts (L1/L2)
   constexpr bool kPrefetchX = NT <= 2;
   uint4 xv[NT][4], xn[kPrefetchX ? NT : 1][4];
-  auto load_x = [&](int i, uint4 (&xd)[kPrefetchX ? NT : 1][4]) {
+  const int x_lane = 2 * t * (16 / NBPC);  // elements: lane t's first run in a chunk
+  auto load_x = [&](int c, uint4 (&xd)[kPrefetchX ? NT : 1][4]) {
 #pragma unroll
-    for (int nt = 0; nt < (kPrefetchX ? NT : 1); ++nt) load_x_chunk<NBPC>(xd[nt], xrows[nt], tok_ok[nt], chunk_of(i), t, K);
+    for (int nt = 0; nt < (kPrefetchX ? NT : 1); ++nt)
+      load_x_chunk<NBPC>(xd[nt], xrows[nt] + c * kChunk + x_lane, tok_ok[nt] && c < chunks, c * kChunk, K);
   };
 
-  auto compute = [&](int i, const Stage<NBPC, RT>& st) {
-    const int c = chunk_of(i);
+  auto compute = [&](int c, const Stage<NBPC, RT>& st) {
     if (c >= chunks) return;  // warp-uniform: an empty item
 #pragma unroll
     for (int j = 0; j < NBPC; ++j) {
@@ -336,27 +355,38 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_kernel(const Args a) {
   Stage<NBPC, RT> st[P];
 #pragma unroll
   for (int s = 0; s < P; ++s)
-    if (s < items) load_stage(s, st[s]);
-  if (kPrefetchX && items > 0) load_x(0, xn);
+    if (s < items) load_stage(st[s]);
+  int cp_c = c_first, cp_tg = blockIdx.x, cp_k = 0;  // compute cursor; cp_k counts finished tile groups
+  if (kPrefetchX && items > 0) load_x(cp_c, xn);
 
   for (int i0 = 0; i0 < items; i0 += P) {
 #pragma unroll
     for (int s = 0; s < P; ++s) {
       const int i = i0 + s;
       if (i < items) {  // CTA-uniform
+        const bool last = cp_c + 1 == c_first + nc;  // CTA-uniform: every warp ends the tile group here
         if constexpr (kPrefetchX) {
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int q = 0; q < 4; ++q) xv[nt][q] = xn[nt][q];
-          if (i + 1 < items) load_x(i + 1, xn);
+          if (i + 1 < items) load_x(last ? c_first : cp_c + 1, xn);
         } else {
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(xv[nt], xrows[nt], tok_ok[nt], chunk_of(i), t, K);
+          for (int nt = 0; nt < NT; ++nt)
+            load_x_chunk<NBPC>(xv[nt], xrows[nt] + cp_c * kChunk + x_lane, tok_ok[nt] && cp_c < chunks,
+                               cp_c * kChunk, K);
         }
-        compute(i, st[s]);
-        if (i + P < items) load_stage(i + P, st[s]);
-        if ((i + 1) % nc == 0) reduce(group_of(i), (i / nc) & 1);  // CTA-uniform: every warp ends the group here
+        compute(cp_c, st[s]);
+        if (i + P < items) load_stage(st[s]);
+        if (last) {
+          reduce(cp_tg, cp_k & 1);
+          cp_c = c_first;
+          cp_tg += gridDim.x;
+          ++cp_k;
+        } else {
+          ++cp_c;
+        }
       }
     }
   }

@@ -34,8 +34,7 @@ int64_t fused_max_rows() {
 
 bool fused_applies(const at::Tensor& x, int64_t blocksize, c10::IntArrayRef shape) {
   return (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && shape.size() == 2 &&
-         shape[1] % 32 == 0 && shape[1] % blocksize == 0 && shape[0] < (int64_t(1) << 31) &&
-         shape[1] < (int64_t(1) << 30);
+         shape[1] % 32 == 0 && shape[1] % blocksize == 0 && shape[0] * shape[1] < (int64_t(1) << 32);  // 32-bit offsets
 }
 
 at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax,
