@@ -1,7 +1,7 @@
 // The fused 4-bit GEMV / small GEMM: y = x · dequant(W)ᵀ for few rows of x, read straight from bitsandbytes'
 // bytes. It implements F.linear(x, quant.dequantize_ref(packed, state).to(x.dtype)) (minqlora/quant.py) for
 // x (M, K) in bf16 or fp16, W (N, K) packed NF4/FP4 with float32 or double-quantized absmax, K a multiple of 32
-// and of the blocksize. The launch choices are gemv_dispatch.cuh, the torch side gemv_ops.cpp.
+// and of the blocksize. The launcher is gemv.cu, the torch side gemv_ops.cpp.
 //
 // Design (numbers for the H200: 132 SMs, ~4.2 TB/s copy bandwidth; a 14336×4096 weight is 29.4 MB, ~7 µs of HBM):
 // - Tensor cores with the weight as the 16-row A operand ("swap AB"): mma.m16n8k16 computes 16 output features ×
@@ -37,6 +37,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTileRows = 16;          // output features per MMA tile (the MMA's M)
 constexpr int kChunk = 128;            // k values per chunk: 64 packed bytes per row, 16 per lane of a quad
 constexpr int kTableWords = 256 * 32;  // pair table: 256 byte values × 32 lane copies
+constexpr int kSmemBytes = (kTableWords + 256) * 4;  // + the 256-entry double-quant map
 
 using Args = GemvArgs;  // gemv_launch.h
 
@@ -94,116 +95,101 @@ __device__ __forceinline__ uint32_t load_stream4(const uint8_t* p) {
   return v;
 }
 
-// Lane t's 16 bytes of a chunk come in NBPC runs, one per quantization block of the chunk: run j starts at byte
-// chunk·64 + j·(64/NBPC) + t·(16/NBPC) of the row, and word q of the lane is in run q / (4/NBPC).
-// The 16 bytes (4 words) of lane t for one row and chunk; p = the row's chunk start + t·(16/NBPC) (run 0).
-// Zeros where the row does not exist or, in the tail chunk, the block run does not (k0 >= K).
+// Byte offset, within a row, of word q (0..3) of lane t's 16 bytes of chunk c. The lane's bytes come in NBPC runs,
+// one per quantization block of the chunk: run j = q / (4/NBPC) starts at c·64 + j·(64/NBPC) + t·(16/NBPC).
 template <int NBPC>
-__device__ __forceinline__ void load_row_chunk(uint32_t (&w)[4], const uint8_t* p, bool row_ok, int k_chunk, int K) {
+__device__ __forceinline__ int word_offset(int c, int q, int t) {
+  constexpr int kWordsPerRun = 4 / NBPC;
+  return c * 64 + (q / kWordsPerRun) * (64 / NBPC) + t * (16 / NBPC) + 4 * (q % kWordsPerRun);
+}
+
+// The 16 bytes (4 words) of lane t for one row and chunk; zeros where the row or the block does not exist.
+template <int NBPC>
+__device__ __forceinline__ void load_row_chunk(uint32_t (&w)[4], const uint8_t* row, bool row_ok, int c, int t,
+                                               int K) {
 #pragma unroll
   for (int j = 0; j < NBPC; ++j) {
-    const bool ok = row_ok && k_chunk + j * (kChunk / NBPC) < K;  // whole blocks: K % bs == 0
-    const uint8_t* q = p + j * (64 / NBPC);
+    const int k0 = c * kChunk + j * (kChunk / NBPC);  // first k of block run j (whole blocks: K % bs == 0)
+    const bool ok = row_ok && k0 < K;
+    const uint8_t* p = row + word_offset<NBPC>(c, j * (4 / NBPC), t);
     if constexpr (NBPC == 1) {
-      const uint4 v = ok ? load_stream16(q) : make_uint4(0, 0, 0, 0);
+      const uint4 v = ok ? load_stream16(p) : make_uint4(0, 0, 0, 0);
       w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
     } else if constexpr (NBPC == 2) {
-      const uint2 v = ok ? load_stream8(q) : make_uint2(0, 0);
+      const uint2 v = ok ? load_stream8(p) : make_uint2(0, 0);
       w[2 * j] = v.x, w[2 * j + 1] = v.y;
     } else {
-      w[j] = ok ? load_stream4(q) : 0u;
+      w[j] = ok ? load_stream4(p) : 0u;
     }
   }
 }
 
-// 8 values of x (one uint4) per word q: the k's that word q's bytes encode, in the same order. xrow = this lane's
-// token row + 2·(chunk start + t·(16/NBPC)) elements.
+// 8 values of x (one uint4) per word q: the k's that word q's bytes encode, in the same order.
 template <int NBPC>
-__device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xrow, bool tok_ok, int k_chunk, int K) {
+__device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xrow, bool tok_ok, int c, int t, int K) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    constexpr int kWordsPerRun = 4 / NBPC;
-    const int run = q / kWordsPerRun;
-    const bool ok = tok_ok && k_chunk + run * (kChunk / NBPC) < K;
-    const int off = 2 * (run * (64 / NBPC) + 4 * (q % kWordsPerRun));  // elements past xrow
-    xv[q] = ok ? __ldg(reinterpret_cast<const uint4*>(xrow + off)) : make_uint4(0, 0, 0, 0);
+    const int off = word_offset<NBPC>(c, q, t);  // byte offset in the packed row = k / 2
+    const bool ok = tok_ok && 2 * off < K;
+    xv[q] = ok ? __ldg(reinterpret_cast<const uint4*>(xrow + 2 * off)) : make_uint4(0, 0, 0, 0);
   }
 }
 
-// ---- shared memory ---------------------------------------------------------------------------------------------
-// The pair table sits at a 32 KB-aligned shared address, so a lookup address is one LOP3 away from the byte:
-// ((w >> s) & 0x7f80) | (table + 4·lane). The 256-entry map and the split-K reduction buffers take the part of the
-// allocation before or after it.
-template <int RT, int NT>
-struct Smem {
-  static constexpr int kRedFloats = 2 * kWarps * RT * NT * 128;  // double-buffered: one tile group in flight
-  static constexpr int kOtherBytes = 256 * 4 + kRedFloats * 4;
-  static constexpr int kTableBytes = kTableWords * 4;             // 32 KB
-  // table at offset o in [0, 32 KB): the other part fits before it (o >= kOtherBytes) or after it
-  static constexpr int kBytes = kTableBytes + 2 * kOtherBytes > 2 * kTableBytes ? kTableBytes + 2 * kOtherBytes
-                                                                                 : 2 * kTableBytes;
-};
-
-__device__ __forceinline__ uint32_t shared_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+// The scale of quantization block `idx` (row·K/bs + block): float32 absmax, or decoded from its double-quant code
+// exactly as quant.dequantize_ref does: map[code] · absmax2[idx / nested_bs] + offset, each step rounded.
+__device__ __forceinline__ float block_scale(const Args& a, const float* map_s, int64_t idx) {
+  if (a.codes == nullptr) return __ldg(a.absmax + idx);
+  return __fadd_rn(__fmul_rn(map_s[__ldg(a.codes + idx)], __ldg(a.absmax2 + (idx >> a.log2_nested_bs))), a.offset);
 }
 
-// The two values of packed byte i (0..3) of w, as an A-operand register (low half = high nibble = lower k).
-// table_bytes is the table's generic address; lane4 = 4·lane (the lane's copy).
-__device__ __forceinline__ uint32_t lookup(const uint8_t* table_bytes, uint32_t lane4, uint32_t w, int i) {
-  const uint32_t shifted = i == 0 ? (w << 7) : (w >> (8 * i - 7));
-  return *reinterpret_cast<const uint32_t*>(table_bytes + ((shifted & 0x7f80u) | lane4));
+// One lookup: the two values of packed byte i of w, as the A-operand register (low half = the high nibble = the
+// lower k). `lut` points at this lane's copy (table + lane).
+__device__ __forceinline__ uint32_t lookup(const uint32_t* lut, uint32_t w, int i) {
+  return lut[((w >> (8 * i)) & 0xffu) << 5];
 }
 
-// Registers of one work item (a 16·RT-row tile group × one 128-value chunk): the packed words and the raw scales
-// (a double-quant code and its second-level absmax, or the float32 absmax), loaded P items ahead.
-template <int NBPC, int RT>
-struct Stage {
-  uint32_t w[RT][2][4];
-  uint32_t code[RT][2][NBPC];
-  float s2[RT][2][NBPC];
-};
-
-// y (M, N) = x (M, K) · dequant(W)ᵀ. Persistent: each CTA builds the table once and walks tile groups
-// blockIdx.x, blockIdx.x + gridDim.x, ... (16·RT rows each); its 8 warps split K into equal runs of chunks; a warp's
-// items (tile group, chunk) stream through a ring of P register stages. Token group blockIdx.y: 8·NT rows of x.
-template <typename T, int NBPC, int NT, int RT, int P, bool DQ>
-__global__ void __launch_bounds__(kThreads, 2) gemv_4bit_kernel(const Args a) {
-  using S = Smem<RT, NT>;
-  extern __shared__ __align__(16) uint8_t smem_raw[];
-  const uint32_t base = shared_addr(smem_raw);
-  const uint32_t table_off = ((base + S::kTableBytes - 1) & ~uint32_t(S::kTableBytes - 1)) - base;
-  uint8_t* const table_bytes = smem_raw + table_off;
-  uint8_t* const other = table_off >= uint32_t(S::kOtherBytes) ? smem_raw : table_bytes + S::kTableBytes;
-  float* const map_s = reinterpret_cast<float*>(other);          // [256]
-  float* const red = map_s + 256;                                 // [2][kWarps][RT·NT·128]
+// x (M, K) T, rows m0 .. m0 + 8·NT of them in this CTA's token group; W rows 16·RT from tile blockIdx.x·RT.
+template <typename T, int NBPC, int NT, int RT>
+__global__ void __launch_bounds__(kThreads) gemv_4bit_kernel(const Args a) {
+  extern __shared__ uint32_t smem[];
+  uint32_t* table = smem;                                        // [256][32]
+  float* map_s = reinterpret_cast<float*>(smem + kTableWords);   // [256]
   {
-    uint32_t* table = reinterpret_cast<uint32_t*>(table_bytes);
     const float* codes = kGemvCodes[a.quant_type];
     for (int i = threadIdx.x; i < kTableWords; i += kThreads) {
       const int byte = i >> 5;
       table[i] = pack_pair<T>(codes[byte >> 4], codes[byte & 15]);
     }
-    if (DQ) map_s[threadIdx.x] = a.map[threadIdx.x];  // kThreads == 256
+    if (a.codes != nullptr) map_s[threadIdx.x] = a.map[threadIdx.x];  // kThreads == 256
   }
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;  // MMA fragment coordinates: group (row / token) and thread in group
-  const uint32_t lane4 = 4u * lane;
+  const uint32_t* lut = table + lane;
   const int K = a.K, N = a.N;
   const int64_t row_bytes = K / 2;
   const int blocks_per_row = K >> a.log2_bs;
 
-  // Every warp gets the same number of items per tile group (nc; chunks past K are empty items), so tile-group
-  // boundaries, and the __syncthreads() at each, fall on the same item for the whole CTA.
+  // this warp's chunks
   const int chunks = (K + kChunk - 1) / kChunk;
-  const int nc = (chunks + kWarps - 1) / kWarps;
-  const int c_first = warp * nc;
-  const int groups = (N + kTileRows * RT - 1) / (kTileRows * RT);
-  const int my_groups = blockIdx.x < groups ? (groups - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  const int items = my_groups * nc;
+  const int c_begin = warp * chunks / kWarps, c_end = (warp + 1) * chunks / kWarps;
 
+  // rows: tile r holds rows n0 + g (C rows 0, 1) and n0 + g + 8 (C rows 2, 3)
+  const uint8_t* rows[RT][2];
+  bool row_ok[RT][2];
+  int row_idx[RT][2];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = (blockIdx.x * RT + r) * kTileRows + g + 8 * h;
+      row_ok[r][h] = n < N;
+      row_idx[r][h] = n < N ? n : 0;
+      rows[r][h] = a.packed + int64_t(row_idx[r][h]) * row_bytes;
+    }
+  }
+  // tokens: n-tile nt of the B operand is token m0 + 8·nt + g
   const int m0 = blockIdx.y * 8 * NT;
   const uint16_t* xrows[NT];
   bool tok_ok[NT];
@@ -214,81 +200,48 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_kernel(const Args a) {
     xrows[nt] = static_cast<const uint16_t*>(a.x) + int64_t(tok_ok[nt] ? m : 0) * K;
   }
 
-  // Cursors (chunk, tile group) of the next item to load and of the item being computed: advanced one item at a
-  // time, so no division per item; 32-bit offsets (the launcher keeps N·K < 2^32).
-  const uint8_t* const packed = a.packed;
-  int ld_c = c_first, ld_tg = blockIdx.x;
-  uint32_t row_off[RT][2], scale_off[RT][2];
-  bool row_ok[RT][2];
-  auto set_rows = [&](int tg) {
-#pragma unroll
-    for (int r = 0; r < RT; ++r)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = (tg * RT + r) * kTileRows + g + 8 * h;
-        row_ok[r][h] = n < N;
-        const uint32_t nn = n < N ? uint32_t(n) : 0u;
-        row_off[r][h] = nn * uint32_t(row_bytes) + uint32_t(t * (16 / NBPC));
-        scale_off[r][h] = nn * uint32_t(blocks_per_row);
-      }
-  };
-  set_rows(ld_tg);
-
-  auto load_stage = [&](Stage<NBPC, RT>& st) {
-    const int kc = ld_c * kChunk;
-    const bool chunk_ok = ld_c < chunks;
-#pragma unroll
-    for (int r = 0; r < RT; ++r) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const bool ok = row_ok[r][h] && chunk_ok;
-        load_row_chunk<NBPC>(st.w[r][h], packed + row_off[r][h] + uint32_t(ld_c * 64), ok, kc, K);
-#pragma unroll
-        for (int j = 0; j < NBPC; ++j) {
-          const int k0 = kc + j * (kChunk / NBPC);
-          const bool bok = ok && k0 < K;
-          const uint32_t idx = scale_off[r][h] + uint32_t(k0 >> a.log2_bs);
-          if (DQ) {
-            st.code[r][h][j] = bok ? __ldg(a.codes + idx) : 0u;
-            st.s2[r][h][j] = bok ? __ldg(a.absmax2 + (idx >> a.log2_nested_bs)) : 0.0f;
-          } else {
-            st.s2[r][h][j] = bok ? __ldg(a.absmax + idx) : 0.0f;
-          }
-        }
-      }
-    }
-    if (++ld_c == c_first + nc) {
-      ld_c = c_first;
-      ld_tg += gridDim.x;
-      set_rows(ld_tg);
-    }
-  };
-
   float out[RT][NT][4];
-  auto zero_out = [&] {
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[r][nt][i] = 0.0f;
+
+  // Registers for this chunk and the next one (loaded before this one is decoded). x is prefetched too while it
+  // fits: at NT = 4 it would take 128 registers, so there it is read when its chunk starts (an L2/L1 hit).
+  constexpr bool kPrefetchX = NT <= 2;
+  uint32_t w[RT][2][4], w_next[RT][2][4];
+  uint4 xv[NT][4], xv_next[kPrefetchX ? NT : 1][4];
+  auto load_w = [&](int c, uint32_t (&wd)[RT][2][4]) {
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) out[r][nt][0] = out[r][nt][1] = out[r][nt][2] = out[r][nt][3] = 0.0f;
+      for (int h = 0; h < 2; ++h) load_row_chunk<NBPC>(wd[r][h], rows[r][h], row_ok[r][h], c, t, K);
   };
-  zero_out();
-
-  // x: prefetched one item ahead where it fits in registers (NT <= 2), else read when its item starts (L1/L2)
-  constexpr bool kPrefetchX = NT <= 2;
-  uint4 xv[NT][4], xn[kPrefetchX ? NT : 1][4];
-  const int x_lane = 2 * t * (16 / NBPC);  // elements: lane t's first run in a chunk
   auto load_x = [&](int c, uint4 (&xd)[kPrefetchX ? NT : 1][4]) {
 #pragma unroll
-    for (int nt = 0; nt < (kPrefetchX ? NT : 1); ++nt)
-      load_x_chunk<NBPC>(xd[nt], xrows[nt] + c * kChunk + x_lane, tok_ok[nt] && c < chunks, c * kChunk, K);
+    for (int nt = 0; nt < (kPrefetchX ? NT : 1); ++nt) load_x_chunk<NBPC>(xd[nt], xrows[nt], tok_ok[nt], c, t, K);
   };
+  if (c_begin < c_end) {
+    load_w(c_begin, w);
+    if constexpr (kPrefetchX) load_x(c_begin, xv);
+  }
 
-  auto compute = [&](int c, const Stage<NBPC, RT>& st) {
-    if (c >= chunks) return;  // warp-uniform: an empty item
+  for (int c = c_begin; c < c_end; ++c) {
+    if (c + 1 < c_end) {
+      load_w(c + 1, w_next);
+      if constexpr (kPrefetchX) load_x(c + 1, xv_next);
+    }
+    if constexpr (!kPrefetchX) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(xv[nt], xrows[nt], tok_ok[nt], c, t, K);
+    }
 #pragma unroll
     for (int j = 0; j < NBPC; ++j) {
       const int k0 = c * kChunk + j * (kChunk / NBPC);
       if (k0 >= K) break;  // warp-uniform: the tail chunk holds fewer blocks
+      const int kb = k0 >> a.log2_bs;
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         float acc[NT][4];
@@ -299,10 +252,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_kernel(const Args a) {
         for (int q = j * (4 / NBPC); q < (j + 1) * (4 / NBPC); ++q) {
 #pragma unroll
           for (int s = 0; s < 2; ++s) {
-            const uint32_t a0 = lookup(table_bytes, lane4, st.w[r][0][q], 2 * s);
-            const uint32_t a2 = lookup(table_bytes, lane4, st.w[r][0][q], 2 * s + 1);
-            const uint32_t a1 = lookup(table_bytes, lane4, st.w[r][1][q], 2 * s);
-            const uint32_t a3 = lookup(table_bytes, lane4, st.w[r][1][q], 2 * s + 1);
+            const uint32_t a0 = lookup(lut, w[r][0][q], 2 * s), a2 = lookup(lut, w[r][0][q], 2 * s + 1);
+            const uint32_t a1 = lookup(lut, w[r][1][q], 2 * s), a3 = lookup(lut, w[r][1][q], 2 * s + 1);
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
               const uint32_t b0 = s ? xv[nt][q].z : xv[nt][q].x, b1 = s ? xv[nt][q].w : xv[nt][q].y;
@@ -310,85 +261,54 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_kernel(const Args a) {
             }
           }
         }
-        float sc[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // quant.dequantize_ref's absmax: map[code] · absmax2 + offset, each step rounded
-          sc[h] = DQ ? __fadd_rn(__fmul_rn(map_s[st.code[r][h][j]], st.s2[r][h][j]), a.offset) : st.s2[r][h][j];
-        }
+        const float s0 = row_ok[r][0] ? block_scale(a, map_s, int64_t(row_idx[r][0]) * blocks_per_row + kb) : 0.f;
+        const float s1 = row_ok[r][1] ? block_scale(a, map_s, int64_t(row_idx[r][1]) * blocks_per_row + kb) : 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          out[r][nt][0] = fmaf(sc[0], acc[nt][0], out[r][nt][0]);
-          out[r][nt][1] = fmaf(sc[0], acc[nt][1], out[r][nt][1]);
-          out[r][nt][2] = fmaf(sc[1], acc[nt][2], out[r][nt][2]);
-          out[r][nt][3] = fmaf(sc[1], acc[nt][3], out[r][nt][3]);
+          out[r][nt][0] = fmaf(s0, acc[nt][0], out[r][nt][0]);
+          out[r][nt][1] = fmaf(s0, acc[nt][1], out[r][nt][1]);
+          out[r][nt][2] = fmaf(s1, acc[nt][2], out[r][nt][2]);
+          out[r][nt][3] = fmaf(s1, acc[nt][3], out[r][nt][3]);
         }
       }
     }
-  };
+    if (c + 1 < c_end) {
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) w[r][h][q] = w_next[r][h][q];
+      if constexpr (kPrefetchX) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) xv[nt][q] = xv_next[nt][q];
+      }
+    }
+  }
 
-  // split-K reduction of tile group `tg` over the 8 warps (red[buffer][warp][r][nt][i][lane]), then y
+  // split-K reduction over the 8 warps, through the (now free) table memory: red[warp][r][nt][i][lane]
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);
   constexpr int kPerWarp = RT * NT * 4 * 32;
-  T* const y = static_cast<T*>(a.y);
-  auto reduce = [&](int tg, int buffer) {
-    float* rb = red + buffer * kWarps * kPerWarp;
 #pragma unroll
-    for (int r = 0; r < RT; ++r)
+  for (int r = 0; r < RT; ++r)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) rb[warp * kPerWarp + ((r * NT + nt) * 4 + i) * 32 + lane] = out[r][nt][i];
-    __syncthreads();
-    for (int e = threadIdx.x; e < kPerWarp; e += kThreads) {
-      float sum = 0.0f;
+      for (int i = 0; i < 4; ++i) red[warp * kPerWarp + ((r * NT + nt) * 4 + i) * 32 + lane] = out[r][nt][i];
+  __syncthreads();
+  T* y = static_cast<T*>(a.y);
+  for (int e = threadIdx.x; e < kPerWarp; e += kThreads) {
+    float sum = 0.0f;
 #pragma unroll
-      for (int v = 0; v < kWarps; ++v) sum += rb[v * kPerWarp + e];
-      const int l = e & 31, i = (e >> 5) & 3, rn = e >> 7;  // rn = r·NT + nt
-      const int r = rn / NT, nt = rn % NT;
-      const int n = (tg * RT + r) * kTileRows + (l >> 2) + 8 * (i >> 1);
-      const int m = m0 + 8 * nt + 2 * (l & 3) + (i & 1);
-      if (n < N && m < a.M) y[int64_t(m) * N + n] = from_float<T>(sum);
-    }
-    zero_out();
-  };
-
-  Stage<NBPC, RT> st[P];
-#pragma unroll
-  for (int s = 0; s < P; ++s)
-    if (s < items) load_stage(st[s]);
-  int cp_c = c_first, cp_tg = blockIdx.x, cp_k = 0;  // compute cursor; cp_k counts finished tile groups
-  if (kPrefetchX && items > 0) load_x(cp_c, xn);
-
-  for (int i0 = 0; i0 < items; i0 += P) {
-#pragma unroll
-    for (int s = 0; s < P; ++s) {
-      const int i = i0 + s;
-      if (i < items) {  // CTA-uniform
-        const bool last = cp_c + 1 == c_first + nc;  // CTA-uniform: every warp ends the tile group here
-        if constexpr (kPrefetchX) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) xv[nt][q] = xn[nt][q];
-          if (i + 1 < items) load_x(last ? c_first : cp_c + 1, xn);
-        } else {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            load_x_chunk<NBPC>(xv[nt], xrows[nt] + cp_c * kChunk + x_lane, tok_ok[nt] && cp_c < chunks,
-                               cp_c * kChunk, K);
-        }
-        compute(cp_c, st[s]);
-        if (i + P < items) load_stage(st[s]);
-        if (last) {
-          reduce(cp_tg, cp_k & 1);
-          cp_c = c_first;
-          cp_tg += gridDim.x;
-          ++cp_k;
-        } else {
-          ++cp_c;
-        }
-      }
-    }
+    for (int v = 0; v < kWarps; ++v) sum += red[v * kPerWarp + e];
+    const int l = e & 31, i = (e >> 5) & 3, rn = e >> 7;  // rn = r·NT + nt
+    const int r = rn / NT, nt = rn % NT;
+    const int n = (blockIdx.x * RT + r) * kTileRows + (l >> 2) + 8 * (i >> 1);
+    const int m = m0 + 8 * nt + 2 * (l & 3) + (i & 1);
+    if (n < N && m < a.M) y[int64_t(m) * N + n] = from_float<T>(sum);
   }
 }
 

@@ -1,4 +1,4 @@
-// The launcher of the fused 4-bit GEMV / small GEMM (gemv_bf16.cu and gemv_dispatch.cuh, kernel in gemv_kernels.cuh), callable from plain
+// The launcher of the fused 4-bit GEMV / small GEMM (gemv.cu, kernel in gemv_kernels.cuh), callable from plain
 // C++: raw pointers in one struct, the element type as an enum, the stream. It launches and returns an error code;
 // it never throws. The torch side (checks, allocation, dispatch against dequantize + matmul) is gemv_ops.cpp.
 #pragma once

@@ -1,6 +1,6 @@
 // CUDA backend of gemm_4bit (schema in ../minqlora.cpp) and of gemv_4bit, the fused kernel alone. gemm_4bit sends
 // few rows of x (M <= kFusedMaxRows, bf16/fp16, K a multiple of 32 and of the blocksize) to the fused kernel
-// (gemv_bf16.cu, gemv_kernels.cuh) and everything else to dequantize + matmul (../gemm.cpp). Host-compiled torch glue:
+// (gemv.cu, gemv_kernels.cuh) and everything else to dequantize + matmul (../gemm.cpp). Host-compiled torch glue:
 // checks, allocation, the device guard, the current stream, the launch check.
 
 #include <ATen/ATen.h>
@@ -34,7 +34,8 @@ int64_t fused_max_rows() {
 
 bool fused_applies(const at::Tensor& x, int64_t blocksize, c10::IntArrayRef shape) {
   return (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && shape.size() == 2 &&
-         shape[1] % 32 == 0 && shape[1] % blocksize == 0 && shape[0] * shape[1] < (int64_t(1) << 32);  // 32-bit offsets
+         shape[1] % 32 == 0 && shape[1] % blocksize == 0 && shape[0] < (int64_t(1) << 31) &&
+         shape[1] < (int64_t(1) << 30);
 }
 
 at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax,
