@@ -1,5 +1,6 @@
 """The only file that touches torch.ops.minqlora: typed wrappers around the compiled ops, their fake (meta)
-implementations for torch.compile, the autograd formula of gemm_4bit, and the public quantize/dequantize API.
+implementations for torch.compile, and the public quantize/dequantize API (gemm_4bit's autograd is C++:
+csrc/gemm_autograd.cpp).
 
 The arithmetic lives in csrc/ (kernels) and quant.py (the specification); this file checks arguments in Python
 so bad input fails with a ValueError naming the argument before any kernel runs.
@@ -63,26 +64,8 @@ def _(grad_y, packed, absmax, nested_absmax, nested_map, nested_offset, blocksiz
     return grad_y.new_empty((*grad_y.shape[:-1], shape[1]))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# gemm_4bit autograd: grad_x = grad_y · dequant(W); the frozen weight gets no gradient and only the packed weight
-# and its (small) state are saved — never a dequantized copy (QLoRA §3: memory is the point).
-# ---------------------------------------------------------------------------------------------------------------
-
-def _gemm_setup_context(ctx, inputs, output):
-    x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type, shape = inputs
-    ctx.save_for_backward(packed, absmax, nested_absmax, nested_map)
-    ctx.args = (nested_offset, blocksize, nested_blocksize, quant_type, shape)
-
-
-def _gemm_backward(ctx, grad_y):
-    packed, absmax, nested_absmax, nested_map = ctx.saved_tensors
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _ops.gemm_4bit_grad_input(grad_y, packed, absmax, nested_absmax, nested_map, *ctx.args)
-    return (grad_x,) + (None,) * 9
-
-
-torch.library.register_autograd("minqlora::gemm_4bit", _gemm_backward, setup_context=_gemm_setup_context)
+# gemm_4bit's autograd (grad_x = grad_y · dequant(W); the frozen weight gets no gradient) is registered in C++ at
+# the Autograd key, csrc/gemm_autograd.cpp: a Python formula here cost more per call than a bf16 F.linear.
 
 
 # ---------------------------------------------------------------------------------------------------------------
