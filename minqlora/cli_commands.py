@@ -38,8 +38,6 @@ CPU_RECIPE = "--seq-len 128 --batch-size 8 --grad-accum 1 --no-gradient-checkpoi
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
-USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               ValueError, ImportError)
 
 
 class UsageError(Exception):
@@ -50,7 +48,7 @@ def _flag_for(path, flag: str) -> str:
     return f"{flag} {path}" if flag.startswith("-") else str(path)
 
 
-# -- argument types and shared helpers ------------------------------------------------------------------------------
+# -- shared helpers ------------------------------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else as torch spells it, checked."""
