@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from . import ops, quant
+from . import ops, quant, safetensors_io
 from .linear4bit import Linear4bit
 from .model import Llama, LlamaConfig
 from .quant import QuantState
@@ -182,7 +181,7 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _install(m: nn.Module, name: str, kind: str, tensors: dict, source, *, quantize, double_quant, blocksize,
-             compute_dtype, dtype) -> nn.Module:
+             compute_dtype, dtype, quant_storage) -> nn.Module:
     """Put the tensors read for module `name` in place. Returns `m` with its parameters replaced ("plain"), or the
     module that replaces it: a Linear4bit ("quantize", "bnb"), or an nn.Linear dequantized from bnb bytes."""
     if kind == "plain":
@@ -192,9 +191,10 @@ def _install(m: nn.Module, name: str, kind: str, tensors: dict, source, *, quant
     w, bias = f"{name}.weight", tensors.get(f"{name}.bias")
     try:
         if kind == "quantize":
-            packed, state = ops.quantize_4bit(tensors[w], blocksize, quantize, double_quant)
-        else:
-            state, packed = QuantState.from_bnb_dict(tensors, w), quant.packed_bytes(tensors[w])
+            packed, state = ops.quantize_4bit(tensors[w], blocksize, quantize, double_quant,
+                                              quant_storage=quant_storage)
+        else:  # the stored bytes in their stored dtype (uint8, or a float quant_storage view)
+            state, packed = QuantState.from_bnb_dict(tensors, w), tensors[w]
         new = Linear4bit(m.in_features, m.out_features, bias=bias is not None, quant_type=state.quant_type,
                          blocksize=state.blocksize, double_quant=state.nested, compute_dtype=compute_dtype,
                          weight_dtype=state.dtype, device="meta")
@@ -214,7 +214,8 @@ def _install(m: nn.Module, name: str, kind: str, tensors: dict, source, *, quant
 
 def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = True, blocksize: int = 64,
                     device="cpu", dtype: torch.dtype | None = torch.bfloat16,
-                    compute_dtype: torch.dtype | None = None, progress: bool = False) -> Llama:
+                    compute_dtype: torch.dtype | None = None, progress: bool = False,
+                    quant_storage: torch.dtype = torch.uint8) -> Llama:
     """A Llama from an HF directory (config.json + safetensors, sharded or not), a bnb-4bit directory, or a GGUF file.
 
     quantize: "nf4"/"fp4" turns the seven projections of every decoder layer into Linear4bit (embedding, norms and
@@ -222,7 +223,9 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
     4-bit bytes whatever quantize names (re-quantizing 4-bit values would only add error); quantize=None
     dequantizes it. dtype: of the non-quantized weights and of the weights before quantizing (None: the
     checkpoint's torch_dtype). compute_dtype: the Linear4bit matmul dtype (default: dtype). progress: a tqdm bar
-    over the tensor groups (for the CLI).
+    over the tensor groups (for the CLI). quant_storage: the dtype newly quantized weights hold their packed bytes
+    as (uint8, or a bfloat16/float16/float32 view as FSDP-era bitsandbytes checkpoints store them); pre-quantized
+    weights keep the dtype they were stored in.
     """
     path = Path(path)
     if not path.exists():
@@ -230,6 +233,7 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
     if quantize is not None:
         quant.check_quant_type(quantize)
         quant.check_blocksize(blocksize)
+        quant.check_quant_storage(quant_storage)
     source, config = _open(path)
     dtype = dtype or DTYPES.get(str(config.torch_dtype)) or torch.bfloat16
     compute_dtype = compute_dtype or dtype
@@ -279,7 +283,7 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
         tensors = source.read(to_read, convert)  # one group of 16-bit tensors in memory at a time
         for name, m, kind in plan:
             new = _install(m, name, kind, tensors, source, quantize=quantize, double_quant=double_quant,
-                           blocksize=blocksize, compute_dtype=compute_dtype, dtype=dtype)
+                           blocksize=blocksize, compute_dtype=compute_dtype, dtype=dtype, quant_storage=quant_storage)
             if new is not m:
                 _swap(model, name, new)
         del tensors
@@ -322,15 +326,15 @@ def _bnb_quantization_config(model: Llama) -> dict | None:
     lins = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not lins:
         return None
-    kinds = {(m.quant_type, m.weight_nested_absmax is not None, m.compute_dtype) for m in lins}
+    kinds = {(m.quant_type, m.weight_nested_absmax is not None, m.compute_dtype, m.quant_storage) for m in lins}
     if len(kinds) > 1:
         raise ValueError(f"the 4-bit layers mix settings {sorted(map(str, kinds))}; bitsandbytes' config has one")
-    quant_type, nested, compute_dtype = kinds.pop()
+    quant_type, nested, compute_dtype, storage = kinds.pop()
     # Linear modules left in 16-bit (lm_head at least) must not be turned into 4-bit by transformers on loading.
     skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return {"quant_method": "bitsandbytes", "_load_in_4bit": True, "_load_in_8bit": False, "load_in_4bit": True,
             "load_in_8bit": False, "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": nested,
-            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": str(storage).removeprefix("torch."),
             "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
             "llm_int8_skip_modules": skip or None, "llm_int8_threshold": 6.0}
 
@@ -384,9 +388,10 @@ def save_pretrained(model: Llama, out_dir, max_shard_size: int | str = "5GB") ->
     pending = []  # (tmp, final)
     try:
         for name, keys in zip(names, shards):
-            # One shard at a time on the CPU; clone so no two tensors share storage (the shared dynamic map).
+            # One shard at a time on the CPU, copied out of the model (never a view of a live buffer).
             tensors = {k: sd[k].detach().to("cpu", copy=True).contiguous() for k in keys}
-            pending.append((_write_atomic(out / name, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+            pending.append((_write_atomic(out / name,
+                                          lambda p: safetensors_io.save(tensors, p, metadata={"format": "pt"})),
                             out / name))
             del tensors
         if n > 1:

@@ -116,6 +116,16 @@ def _fit_llama3_rope(factors: torch.Tensor, config: LlamaConfig, path) -> dict:
                      "minqlora's Llama cannot represent them")
 
 
+def open_reader(path) -> gguf.GGUFReader:
+    """The one way GGUF files are opened (checkpoints, tokenizers, export's tokenizer copy): a file that is not a
+    GGUF, or is truncated or corrupt, raises one ValueError naming it instead of numpy's reshape/dtype messages."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:  # a truncated file runs off its memmap
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): {' '.join(str(e).split())}") \
+            from None
+
+
 class GGUFCheckpoint:
     """A GGUF file of a Llama, read through `gguf.GGUFReader` (memory-mapped: tensors are read on demand).
 
@@ -126,10 +136,7 @@ class GGUFCheckpoint:
 
     def __init__(self, path):
         self.path = Path(path)
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except (ValueError, OSError, IndexError, KeyError) as e:  # a truncated file runs off the end of its memmap
-            raise ValueError(f"{self.path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+        self.reader = open_reader(self.path)
         arch = self.field("general.architecture")
         if arch != ARCH:
             raise ValueError(f"{self.path}: general.architecture is {arch!r}; minqlora reads only 'llama' GGUF files")
@@ -352,8 +359,7 @@ def export_gguf(model: Llama, tokenizer, out_file, dtype: str = "f16", name: str
 
 def export_tokenizer(gguf_path, out_dir) -> Path:
     """Write the tokenizer embedded in a GGUF as files `Tokenizer.from_pretrained(out_dir)` loads."""
-    ckpt = gguf.GGUFReader(gguf_path)
-    return gguf_vocab.write_tokenizer_files(ckpt, out_dir, source=gguf_path)
+    return gguf_vocab.write_tokenizer_files(open_reader(gguf_path), out_dir, source=gguf_path)
 
 
 def load_tokenizer(gguf_path, cache_dir=None):

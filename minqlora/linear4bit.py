@@ -1,7 +1,10 @@
 """Linear4bit: a frozen nn.Linear whose weight is stored in 4 bits (NF4/FP4, optionally double-quantized).
 
 The weight lives in plain buffers in bitsandbytes' layout and the module's state_dict() uses bitsandbytes' keys
-(bnb-format.md §4), so it goes straight to safetensors and loads in transformers + bitsandbytes. Forward is the
+(bnb-format.md §4), so it goes straight to safetensors and loads in transformers + bitsandbytes. Every module owns
+its buffers (the double-quant map included), so a model's state_dict() has no two tensors sharing memory.
+The packed bytes may be held as a float16/bfloat16/float32 view (bitsandbytes' quant_storage, what FSDP1-era QLoRA
+checkpoints store); the kernels always see them viewed back as uint8. Forward is the
 differentiable gemm_4bit op: y = x · dequant(W)ᵀ + b, whose backward gives x its gradient and W none (QLoRA §3).
 Adapters (lora.py) and model loading (checkpoint.py) live elsewhere.
 """
@@ -24,7 +27,8 @@ _STATE_BUFFERS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_nes
 class Linear4bit(nn.Module):
     """y = x · dequant(W)ᵀ + b with W (out_features, in_features) frozen in 4 bits.
 
-    Buffers: weight ((out·in+1)//2, 1) uint8 packed codes; weight_absmax (B,) float32, or uint8 codes with double
+    Buffers: weight ((out·in+1)//2, 1) uint8 packed codes, or the same bytes viewed as quant_storage
+    (((out·in+1)//(2·itemsize), 1) float16/bfloat16/float32); weight_absmax (B,) float32, or uint8 codes with double
     quantization; weight_nested_absmax (ceil(B/256),) float32 and weight_nested_map (256,) float32 with double
     quantization. B = ceil(out·in / blocksize). The bias, if any, is an ordinary frozen Parameter.
     compute_dtype is the dtype the weight is dequantized to and the matmul runs in; the output is cast back to the
@@ -33,10 +37,11 @@ class Linear4bit(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-                 weight_dtype: torch.dtype = torch.bfloat16, device=None):
+                 weight_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype = torch.uint8, device=None):
         super().__init__()
         quant.check_quant_type(quant_type)
         quant.check_blocksize(blocksize)
+        quant.check_quant_storage(quant_storage)
         if compute_dtype not in quant.FLOAT_DTYPES:
             raise ValueError(f"compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
         self.in_features, self.out_features = in_features, out_features
@@ -45,11 +50,12 @@ class Linear4bit(nn.Module):
         self.nested_offset = 0.0                    # double-quant offset (a float32 value), see quant.QuantState
         n = in_features * out_features
         n_blocks = -(-n // blocksize)
-        self.register_buffer("weight", torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device))
+        packed = quant.as_storage(torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device), quant_storage)
+        self.register_buffer("weight", packed)
         self.register_buffer("weight_absmax", torch.zeros(n_blocks, device=device,
                                                           dtype=torch.uint8 if double_quant else torch.float32))
         nested = (torch.zeros(-(-n_blocks // quant.NESTED_BLOCKSIZE), device=device),
-                  quant.DYNAMIC_SIGNED.to(device)) if double_quant else (None, None)
+                  quant.DYNAMIC_SIGNED.to(device, copy=True)) if double_quant else (None, None)
         self.register_buffer("weight_nested_absmax", nested[0])
         self.register_buffer("weight_nested_map", nested[1])
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device),
@@ -59,32 +65,38 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
-                    blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16, device=None) -> "Linear4bit":
+                    blocksize: int = 64, compute_dtype: torch.dtype = torch.bfloat16, device=None,
+                    quant_storage: torch.dtype = torch.uint8) -> "Linear4bit":
         """Quantize an nn.Linear (on `device`, default its own device). The original module is left untouched."""
         w = linear.weight.detach()
         w = w.to(device) if device is not None else w
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type=quant_type,
                   blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, weight_dtype=w.dtype,
-                  device="meta")
-        packed, state = ops.quantize_4bit(w, blocksize, quant_type, double_quant)
+                  quant_storage=quant_storage, device="meta")
+        packed, state = ops.quantize_4bit(w, blocksize, quant_type, double_quant, quant_storage=quant_storage)
         mod.set_quantized(packed, state)
         if linear.bias is not None:
             mod.bias = nn.Parameter(linear.bias.detach().to(w.device).clone(), requires_grad=False)
         return mod
 
     def set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Install a packed weight and its state (validated against this module's shape)."""
+        """Install a packed weight and its state (validated against this module's shape). The packed weight keeps
+        its storage dtype when it is one of quant.STORAGE_DTYPES (other dtypes are held as their uint8 bytes), so
+        a checkpoint re-saves as it was read. The double-quant map is copied: this module owns it."""
         if list(state.shape) != [self.out_features, self.in_features]:
             raise ValueError(f"quantized weight has shape {list(state.shape)}, the module expects "
                              f"[{self.out_features}, {self.in_features}]")
-        packed = quant.packed_bytes(packed)
+        if packed.dtype in quant.STORAGE_DTYPES:
+            packed = packed.reshape(-1, 1)
+        else:
+            packed = quant.packed_bytes(packed)
         state.validate(packed)
         self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
         self.nested_offset = float(state.nested_offset)
         self._buffers["weight"] = packed
         self._buffers["weight_absmax"] = state.absmax
         self._buffers["weight_nested_absmax"] = state.nested_absmax
-        self._buffers["weight_nested_map"] = state.nested_map
+        self._buffers["weight_nested_map"] = None if state.nested_map is None else state.nested_map.clone()
 
     @property
     def quant_state(self) -> QuantState:
@@ -92,6 +104,11 @@ class Linear4bit(nn.Module):
                           dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                           nested_absmax=self.weight_nested_absmax, nested_map=self.weight_nested_map,
                           nested_offset=self.nested_offset)
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        """The dtype the packed bytes are held (and saved) as: uint8, or a float view (bitsandbytes' quant_storage)."""
+        return self.weight.dtype
 
     # -- compute ----------------------------------------------------------------------------------------------
 
@@ -101,7 +118,8 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (..., in) -> (..., out). gemm_4bit decodes W to compute_dtype; autograd flows to x only.
-        y = ops.gemm_4bit(x.to(self.compute_dtype), self.weight, self.quant_state)
+        # The op takes the bytes: a float-storage weight is viewed back as uint8 (a view, no copy).
+        y = ops.gemm_4bit(x.to(self.compute_dtype), quant.packed_bytes(self.weight), self.quant_state)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype)
@@ -109,7 +127,8 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, "
-                f"double_quant={self.weight_nested_absmax is not None}, compute_dtype={self.compute_dtype}")
+                f"double_quant={self.weight_nested_absmax is not None}, compute_dtype={self.compute_dtype}"
+                + (f", quant_storage={self.quant_storage}" if self.quant_storage != torch.uint8 else ""))
 
     # -- moving and casting -----------------------------------------------------------------------------------
 
@@ -142,7 +161,7 @@ class Linear4bit(nn.Module):
             return
         try:
             state = QuantState.from_bnb_dict(state_dict, key)
-            packed = quant.packed_bytes(state_dict[key])
+            packed = state_dict[key]
             target = self.weight.device if not self.weight.is_meta else packed.device
             self.set_quantized(packed.to(target), state.to(target))
         except (KeyError, ValueError) as e:

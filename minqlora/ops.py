@@ -81,23 +81,33 @@ def quantize_4bit_raw(x: torch.Tensor, blocksize: int = 64, quant_type: str = "n
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, code_map: torch.Tensor, blocksize: int = 256):
-    """x -> (codes (n,) uint8, absmax (B,) float32). Kernel for quant.quantize_blockwise_8bit_ref."""
+    """x -> (codes (n,) uint8, absmax (B,) float32). Kernel for quant.quantize_blockwise_8bit_ref.
+
+    Any positive blocksize, as bitsandbytes' CPU path: the kernels take the powers of two 32..4096 (fixed shifts
+    and vector widths), every other length runs the reference, which is exact and device-agnostic."""
     quant.check_float_input(x)
-    quant.check_blocksize(blocksize)
+    quant.check_blocksize_8bit(blocksize)
     _check_map(code_map, x.device)
+    if blocksize not in quant.BLOCKSIZES:
+        return quant.quantize_blockwise_8bit_ref(x, code_map, blocksize)
     return _ops.quantize_blockwise_8bit(x, code_map, blocksize)
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor,
                               blocksize: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(codes, absmax) -> (n,) of dtype. Kernel for quant.dequantize_blockwise_8bit_ref."""
-    quant.check_blocksize(blocksize)
+    """(codes, absmax) -> (n,) of dtype. Kernel for quant.dequantize_blockwise_8bit_ref; any positive blocksize
+    (the kernels take 32..4096 powers of two, the reference the rest)."""
+    quant.check_blocksize_8bit(blocksize)
     _check_map(code_map, codes.device)
     if codes.dtype != torch.uint8:
         raise ValueError(f"codes must be uint8, got {codes.dtype}")
     if absmax.dtype != torch.float32 or absmax.numel() != -(-codes.numel() // blocksize):
         raise ValueError(f"absmax must be {-(-codes.numel() // blocksize)} float32 values for {codes.numel()} codes "
                          f"in blocks of {blocksize}; got {absmax.numel()} of {absmax.dtype}")
+    if dtype not in quant.FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if blocksize not in quant.BLOCKSIZES:
+        return quant.dequantize_blockwise_8bit_ref(codes, absmax, code_map, blocksize, dtype)
     return _ops.dequantize_blockwise_8bit(codes, absmax, code_map, blocksize, dtype)
 
 
@@ -119,14 +129,18 @@ def _state_args(state: QuantState):
 # ---------------------------------------------------------------------------------------------------------------
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
-                  allow_nonfinite: bool = False):
+                  allow_nonfinite: bool = False, quant_storage: torch.dtype = torch.uint8):
     """Quantize x (any shape, fp32/fp16/bf16) to 4 bits: returns (packed, QuantState).
 
-    packed is ((n+1)//2, 1) uint8, two codes per byte, in bitsandbytes' layout. With double_quant, the float32
-    absmax vector is itself quantized to 8 bits (QLoRA §3), 4.127 instead of 4.5 bits per parameter. NaN/Inf in x
-    raise ValueError unless allow_nonfinite=True.
+    packed is ((n+1)//2, 1) uint8, two codes per byte, in bitsandbytes' layout; quant_storage=torch.bfloat16
+    (float16, float32) hands the same bytes out as a view of that dtype, ((n+1)//(2·itemsize), 1), as
+    bitsandbytes' quant_storage does (quant.as_storage). With double_quant, the float32 absmax vector is itself
+    quantized to 8 bits (QLoRA §3), 4.127 instead of 4.5 bits per parameter. NaN/Inf in x raise ValueError unless
+    allow_nonfinite=True.
     """
+    quant.check_quant_storage(quant_storage)
     packed, absmax = quantize_4bit_raw(x, blocksize, quant_type)
+    packed = quant.as_storage(packed, quant_storage)
     if not allow_nonfinite:
         quant.check_finite_absmax(absmax)
     state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize, quant_type=quant_type)
@@ -135,14 +149,15 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         offset = quant.absmax_offset(absmax)
         state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - offset, quant.DYNAMIC_SIGNED.to(x.device),
                                                                     quant.NESTED_BLOCKSIZE)
-        state.nested_map = quant.DYNAMIC_SIGNED.to(x.device)
+        state.nested_map = quant.DYNAMIC_SIGNED.to(x.device, copy=True)  # each state (layer) its own table
         state.nested_offset = float(offset)  # one host sync; the offset is a Python float in the bnb JSON
     return packed, state
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Inverse of quantize_4bit: a tensor of state.shape in `dtype` (default: the original dtype). Double-quantized
-    scales are decoded inside the kernel, not in a separate pass."""
+    """Inverse of quantize_4bit: a tensor of state.shape in `dtype` (default: the original dtype). packed may be
+    uint8 or a float view of the bytes (quant_storage). Double-quantized scales are decoded inside the kernel, not
+    in a separate pass."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
     packed = quant.packed_bytes(packed)

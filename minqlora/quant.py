@@ -25,6 +25,10 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NESTED_BLOCKSIZE = 256  # double quantization quantizes the absmax vector in blocks of 256 (QLoRA §3)
+# Dtypes the packed bytes may be handed out as (bitsandbytes' quant_storage): a VIEW of the same bytes, shape
+# ((n+1)//(2·itemsize), 1). FSDP1-era QLoRA checkpoints (fsdp_qlora, accelerate's FSDP recipe) store bf16, so the
+# 4-bit weight has the dtype of the bf16 parameters it is sharded with.
+STORAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Code tables
@@ -104,6 +108,19 @@ def check_quant_type(quant_type: str) -> None:
 def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
     if not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
         raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {blocksize!r}")
+
+
+def check_blocksize_8bit(blocksize: int, name: str = "blocksize") -> None:
+    """8-bit blockwise quantization takes any positive block length, as bitsandbytes' CPU path does (its CUDA
+    quantize_blockwise takes 64..4096, a subset)."""
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
+        raise ValueError(f"{name} must be a positive int, got {blocksize!r}")
+
+
+def check_quant_storage(quant_storage: torch.dtype, name: str = "quant_storage") -> None:
+    if quant_storage not in STORAGE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in STORAGE_DTYPES)
+        raise ValueError(f"{name} must be one of {names}, got {quant_storage!r}")
 
 
 def check_float_input(x: torch.Tensor, name: str = "x") -> None:
@@ -277,7 +294,8 @@ class QuantState:
                           move(self.nested_absmax), move(self.nested_map), self.nested_offset, self.nested_blocksize)
 
     def validate(self, packed: Optional[torch.Tensor] = None, name: str = "state") -> None:
-        """Check that the pieces agree with each other (and with `packed`); raise ValueError naming the field."""
+        """Check that the pieces agree with each other (and with `packed`, uint8 or a STORAGE_DTYPES view of the
+        bytes); raise ValueError naming the field."""
         check_quant_type(self.quant_type)
         check_blocksize(self.blocksize, f"{name}.blocksize")
         n_blocks = -(-self.numel // self.blocksize)
@@ -293,9 +311,10 @@ class QuantState:
             if self.nested_map is None or self.nested_map.numel() != 256:
                 raise ValueError(f"{name}.nested_map must have 256 entries")
         if packed is not None:
-            if packed.dtype != torch.uint8 or packed.numel() != (self.numel + 1) // 2:
-                raise ValueError(f"packed weight must be {(self.numel + 1) // 2} uint8 bytes for shape "
-                                 f"{list(self.shape)}; got {packed.numel()} of {packed.dtype}")
+            nbytes = (self.numel + 1) // 2
+            if packed.dtype not in STORAGE_DTYPES or packed.numel() * packed.element_size() != nbytes:
+                raise ValueError(f"packed weight must be {nbytes} bytes (uint8, or viewed as float16/bfloat16/float32) "
+                                 f"for shape {list(self.shape)}; got {packed.numel()} of {packed.dtype}")
             if packed.device != self.absmax.device:
                 raise ValueError(f"packed weight is on {packed.device} but {name}.absmax on {self.absmax.device}")
 
@@ -303,7 +322,10 @@ class QuantState:
 
     def to_bnb_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         """The quantization-state keys bitsandbytes writes for `prefix` (e.g. "model.layers.0.mlp.up_proj.weight"),
-        in its order. The packed weight itself is stored under `prefix` by the caller."""
+        in its order. The packed weight itself is stored under `prefix` by the caller. Every tensor is the
+        state's own (the two tables fresh copies), so two layers' dicts never share memory. The storage dtype of the
+        packed weight (quant_storage) is not in the JSON: bitsandbytes 0.50 records it only as the dtype of the
+        `prefix` tensor, and its QuantState.from_dict refuses JSON fields it does not know."""
         blob = {"quant_type": self.quant_type, "blocksize": self.blocksize,
                 "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
         out = {f"{prefix}.absmax": self.absmax, f"{prefix}.quant_map": self.code.clone()}
@@ -311,7 +333,7 @@ class QuantState:
             blob.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
                         nested_offset=float(self.nested_offset))
             out[f"{prefix}.nested_absmax"] = self.nested_absmax
-            out[f"{prefix}.nested_quant_map"] = self.nested_map
+            out[f"{prefix}.nested_quant_map"] = self.nested_map.clone()  # as bitsandbytes: never shared
         data = json.dumps(blob).encode("utf-8")
         out[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(data), dtype=torch.uint8)
         return out
@@ -373,6 +395,23 @@ def packed_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 1)
 
 
+def as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+    """uint8 packed bytes ((n+1)//2, 1) viewed as `quant_storage`: ((n+1)//(2·itemsize), 1), the same memory.
+
+    A view, never a value conversion: a float32 view of packed nibbles holds NaN and denormal bit patterns that
+    any float arithmetic (or NaN canonicalisation) would change, so nothing may compute on it; packed_bytes() views
+    it back. The byte count must be a multiple of the itemsize (bitsandbytes' shape formula would drop the tail).
+    """
+    check_quant_storage(quant_storage)
+    if quant_storage == torch.uint8:
+        return packed
+    size = quant_storage.itemsize
+    if packed.numel() % size:
+        raise ValueError(f"quant_storage={str(quant_storage).removeprefix('torch.')} needs the packed byte count, "
+                         f"(numel + 1) // 2 = {packed.numel()}, to be a multiple of {size}; use uint8 storage")
+    return packed.reshape(-1).view(quant_storage).reshape(-1, 1)
+
+
 def absmax_offset(absmax: torch.Tensor) -> torch.Tensor:
     """The double-quantization offset: the float32 mean of the absmax vector, computed by torch exactly as
     bitsandbytes does so offsets agree bit for bit. When absmax values near the float32 maximum make that sum
@@ -401,19 +440,21 @@ def decode_absmax_ref(state: QuantState) -> torch.Tensor:
     return scaled + torch.tensor(state.nested_offset, dtype=torch.float32, device=scaled.device)
 
 
-def quantize_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True):
-    """The whole public quantize in reference form: (packed, QuantState)."""
+def quantize_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True,
+                 quant_storage: torch.dtype = torch.uint8):
+    """The whole public quantize in reference form: (packed, QuantState); packed viewed as quant_storage."""
     packed, absmax = quantize_4bit_ref(x, blocksize, quant_type)
     state = QuantState(absmax, x.shape, x.dtype, blocksize, quant_type)
     if double_quant:
         state.absmax, state.nested_absmax, state.nested_offset = double_quantize_ref(absmax)
-        state.nested_map = DYNAMIC_SIGNED.to(x.device)
-    return packed, state
+        state.nested_map = DYNAMIC_SIGNED.to(x.device, copy=True)  # each state its own table (it is saved per layer)
+    return as_storage(packed, quant_storage), state
 
 
 def dequantize_ref(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    return dequantize_4bit_ref(packed, decode_absmax_ref(state), state.blocksize, state.quant_type, state.shape,
-                               state.dtype)
+    """Inverse of quantize_ref; packed may be uint8 or any STORAGE_DTYPES view of the bytes."""
+    return dequantize_4bit_ref(packed_bytes(packed), decode_absmax_ref(state), state.blocksize, state.quant_type,
+                               state.shape, state.dtype)
 
 
 def max_error_bound(quant_type: str) -> float:

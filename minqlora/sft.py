@@ -4,7 +4,7 @@ with checkpoints that resume exactly.
 train(model, tokenizer, config) trains a Llama already in memory (tests, notebooks, cli.py); run(config) first loads
 config.model (checkpoint.py: HF directory, bnb-4bit directory or GGUF file, quantized as config.quantize says) and
 its tokenizer. What lands in config.output_dir:
-  adapter_config.json, adapter_model.safetensors   the final adapter (PEFT format, lora.py)
+  adapter/            the final adapter (PEFT format, lora.py): adapter_config.json, adapter_model.safetensors
   metrics.jsonl       one JSON object per line: {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s",
                       "mem_gb", ...} per optimizer step, {"step", "eval_loss", "eval_tokens"} per evaluation (step 0
                       = before training), {"step", "skipped", ...} for a step dropped for a NaN/Inf loss or gradient
@@ -39,8 +39,8 @@ from .checkpoint import gguf_io, load_pretrained  # gguf_io is None without the 
 from .data import IGNORE_INDEX, BatchLoader, Batch, iter_batches, load_sft_data, make_rows, packed_attention_mask
 from .lora import DEFAULT_TARGETS, add_lora, lora_modules, save_adapter, trainable_summary
 from .optim import PagedAdamW
-from .sft_state import (METRICS_NAME, PLOT_NAME, Interrupt, load_checkpoint, memory_gb, model_identity, plot_losses,
-                        prepare_output_dir, rng_states, save_checkpoint, set_rng_states)
+from .sft_state import (ADAPTER_DIR, METRICS_NAME, PLOT_NAME, Interrupt, load_checkpoint, memory_gb, model_identity,
+                        plot_losses, prepare_output_dir, rng_states, save_checkpoint, set_rng_states)
 from .tokenizer import Tokenizer
 
 
@@ -282,10 +282,10 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
             tick = time.perf_counter()  # evaluation and checkpoint time stays out of tokens_per_s
 
         save_checkpoint(out, step, model, trainer_state(), config.keep_checkpoints)
-    save_adapter(model, str(out), base_model_name_or_path=config.model or None)
+    save_adapter(model, str(out / ADAPTER_DIR), base_model_name_or_path=config.model or None)
     plot_losses(metrics_path, out / PLOT_NAME)
     print(f"adapter, metrics and loss curve written to {out}")
-    return {"step": step, "loss": loss, "eval_loss": eval_loss, "adapter_dir": str(out),
+    return {"step": step, "loss": loss, "eval_loss": eval_loss, "adapter_dir": str(out / ADAPTER_DIR),
             "train_stats": asdict(data.train_stats), "eval_stats": asdict(data.eval_stats)}
 
 

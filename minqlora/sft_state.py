@@ -1,9 +1,11 @@
 """The on-disk state of an SFT run (sft.py): the output directory, atomic checkpoints, RNG states, the base-model
-identity a checkpoint must be resumed on, the Ctrl-C guard and the loss plot.
+identity a checkpoint must be resumed on, the Ctrl-C / SIGTERM guard and the loss plot.
 
 Split from sft.py so that file stays the config, the loss and the loop; everything here is about surviving a stop.
-A checkpoint is a directory checkpoints/step-N/ holding the adapter (lora.save_adapter) and trainer_state.pt, written
-under checkpoints/.tmp-step-N/ and renamed, so a reader sees a whole checkpoint or none. trainer_state.pt is read
+The run directory holds adapter/ (the final adapter, nothing else: what one uploads or hands to peft) and, beside it,
+checkpoints/, metrics.jsonl, loss.png and train_config.json. A checkpoint is a directory checkpoints/step-N/ holding
+the adapter (lora.save_adapter) and trainer_state.pt, written under checkpoints/.tmp-step-N/ and renamed, so a
+reader sees a whole checkpoint or none. trainer_state.pt is read
 with torch.load(weights_only=True): tensors and plain containers only, never arbitrary pickled objects.
 
 Leaves out: what goes into the trainer state (sft.train builds it), the base checkpoint (checkpoint.py).
@@ -18,6 +20,7 @@ import random
 import resource
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -36,7 +39,9 @@ STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 CONFIG_FILE = "train_config.json"
-RUN_FILES = (CONFIG_FILE, METRICS_NAME, "checkpoints", PLOT_NAME, CONFIG_NAME, WEIGHTS_NAME)  # what a run writes
+ADAPTER_DIR = "adapter"  # the final adapter, beside (not above) checkpoints/
+# What a run writes; CONFIG_NAME and WEIGHTS_NAME are where runs before adapter/ put the final adapter.
+RUN_FILES = (CONFIG_FILE, METRICS_NAME, "checkpoints", PLOT_NAME, ADAPTER_DIR, CONFIG_NAME, WEIGHTS_NAME)
 # TrainConfig fields that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_CHANGES = ("model", "data", "eval_data", "tokenizer", "output_dir", "device", "resume", "overwrite",
                      "progress")
@@ -56,12 +61,12 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def prepare_output_dir(out: Path, config) -> Path | None:
-    """Make `out` ready for the run of `config` (a TrainConfig); return the checkpoint to resume from (None: fresh).
-
-    Refuses a directory holding another run unless overwrite (then deletes that run's files, nothing else) or
-    resume with the same settings (only RESUMABLE_CHANGES may differ).
-    """
+def check_output_dir(out: Path, config) -> list[str]:
+    """The run files already in `out` (RUN_FILES names) after checking that `config` (a TrainConfig) may use it:
+    refuses another run unless overwrite, or resume with the same settings (only RESUMABLE_CHANGES may differ).
+    Messages name both spellings (--resume / resume=True): the command line calls this before loading a model."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; the output (--out / output_dir) must be a directory")
     present = [name for name in RUN_FILES if (out / name).exists()]
     if present and config.resume and (out / CONFIG_FILE).is_file():
         saved = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -72,9 +77,19 @@ def prepare_output_dir(out: Path, config) -> Path | None:
             raise ValueError(f"cannot resume in {out}: it holds a run with other settings: "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {ours.get(k)!r})" for k in differ))
     elif present and not config.overwrite:
-        raise FileExistsError(f"{out} holds another run ({', '.join(present)}); pass resume=True to continue it or "
-                              "overwrite=True to replace it")
-    elif present:
+        raise FileExistsError(f"{out} holds another run ({', '.join(present)}); pass --resume (resume=True) to "
+                              "continue it or --overwrite (overwrite=True) to replace it")
+    return present
+
+
+def prepare_output_dir(out: Path, config) -> Path | None:
+    """Make `out` ready for the run of `config` (a TrainConfig); return the checkpoint to resume from (None: fresh).
+
+    check_output_dir's rules; with overwrite, that run's files are deleted (nothing else). resume with no
+    checkpoint to resume from starts at step 0 and says so on stderr.
+    """
+    present = check_output_dir(out, config)
+    if present and not (config.resume and (out / CONFIG_FILE).is_file()):
         for name in present:
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +97,8 @@ def prepare_output_dir(out: Path, config) -> Path | None:
         shutil.rmtree(tmp)
     write_atomic(out / CONFIG_FILE, lambda f: f.write(json.dumps(config.to_json(), indent=2).encode()))
     found = _checkpoints(out)
+    if config.resume and not found:
+        print(f"resume: no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr)
     return found[-1] if config.resume and found else None
 
 
@@ -139,24 +156,39 @@ def load_checkpoint(path: Path, model, identity: dict) -> dict:
     return state
 
 
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal after saving a checkpoint; exit_code is the shell's 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
 class Interrupt:
-    """Ctrl-C (SIGINT) sets `requested`; the loop finishes its step, checkpoints and raises KeyboardInterrupt.
-    A second Ctrl-C raises at once (the checkpoint being written is temporary until renamed, so nothing breaks)."""
+    """Ctrl-C (SIGINT) and SIGTERM (what `timeout`, schedulers and container runtimes send) set `requested`; the
+    loop finishes its step, checkpoints and raises KeyboardInterrupt, which leaves this block as Stopped naming the
+    signal. A second signal raises at once (the checkpoint being written is temporary until renamed, so nothing
+    breaks)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.requested, self.previous = False, None
+        self.requested, self.signum, self.previous = False, None, {}
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Stopped(f"{signal.Signals(signum).name} again: stopped at once", signum)
+        self.requested, self.signum = True, signum
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+    def __exit__(self, exc_type, exc, tb):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if exc_type is KeyboardInterrupt and self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise Stopped(f"{name}: {exc}" if str(exc) else name, self.signum) from None
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:

@@ -6,7 +6,7 @@ Steps, each printing where it wrote its outputs:
 2. import   the GGUF (dequantized by gguf_io) into a Llama whose projections are NF4 with double quantization, and
             its embedded tokenizer.
 3. score    exact match on the held-out split of data/iso_dates_*.jsonl (greedy decoding, batched): the base model.
-4. tune     sft.train: LoRA on every projection, a short run; adapter, metrics.jsonl and loss.png in --out.
+4. tune     sft.train: LoRA on every projection, a short run; adapter/, metrics.jsonl and loss.png in --out.
 5. score    the tuned model on the same examples; print before/after and three sample generations.
 6. merge    the adapter into 16-bit weights, save them as a Hugging Face directory, export GGUF (Q8_0).
 Results (scores, timings, tokens/s, paths) land in <out>/demo_results.json; tests/test_demo.py reads it.
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     print(f"base model: exact match {base_score:.1%} on {len(test)} held-out examples")
 
     config = TrainConfig(
-        model=str(gguf_path), data=str(TRAIN_FILE), eval_data=str(TEST_FILE), output_dir=str(out / "adapter"),
+        model=str(gguf_path), data=str(TRAIN_FILE), eval_data=str(TEST_FILE), output_dir=str(out),
         lora_r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, seq_len=128, batch_size=args.batch_size,
         grad_accum=1, max_steps=args.steps, lr=args.lr, warmup_ratio=0.05, max_grad_norm=1.0,
         # A 135M model fits many times over: recomputing activations would only cost time here.
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     tick = time.perf_counter()
     result = train(model, tokenizer, config)
     timings["train_s"] = time.perf_counter() - tick
-    steps = [json.loads(line) for line in (out / "adapter" / METRICS_NAME).read_text().splitlines()]
+    steps = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
     train_tokens = sum(s.get("tokens", 0) for s in steps if "skipped" not in s)
 
     tick = time.perf_counter()
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
     (out / "demo_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"\ntrained {result['step']} steps in {timings['train_s']:.0f}s ({results['train_tokens_per_s']:.0f} "
           f"tokens/s); whole demo {timings['total_s']:.0f}s")
-    print(f"adapter (PEFT format), metrics.jsonl, loss.png: {out / 'adapter'}")
+    print(f"adapter (PEFT format): {out / 'adapter'}; metrics.jsonl, loss.png: {out}")
     print(f"merged 16-bit model (HF safetensors + tokenizer): {merged_dir}")
     print(f"GGUF ({args.gguf_dtype}): {gguf_out}")
     print(f"results: {out / 'demo_results.json'}")

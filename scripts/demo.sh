@@ -12,9 +12,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-if [ "${MINQLORA_REINSTALL:-0}" = "1" ] || ! python -c "import minqlora._C, gguf, tokenizers, matplotlib" 2>/dev/null; then
-  python -m pip install -q --upgrade pip setuptools wheel ninja
-  python -m pip install -q torch==2.13.0
+if [ "${MINQLORA_REINSTALL:-0}" = "1" ] || ! python -c "import torch, minqlora._C, gguf, tokenizers, matplotlib" 2>/dev/null; then
+  python -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
+  python -m pip install -q torch==2.13.0 numpy  # numpy first: the build imports torch, which wants it
   # --no-build-isolation: build against the torch just installed instead of fetching another into a build env.
   python -m pip install -q --no-build-isolation -e ".[tokenizers,gguf,plot]"
 fi

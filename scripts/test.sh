@@ -10,11 +10,12 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip setuptools wheel ninja
-python -m pip install -q torch==2.13.0
+python -m pip install -q --upgrade pip "setuptools>=77" wheel ninja
+# numpy before the build: setup.py imports torch, which warns "Failed to initialize NumPy" without it.
+python -m pip install -q torch==2.13.0 numpy
 # --no-build-isolation: build against the torch just installed instead of fetching another into a build env.
 python -m pip install -q --no-build-isolation -e ".[test]"
-python -c "import minqlora, torch; print('minqlora ready: torch', torch.__version__)"
+python -c "import torch; from minqlora import ops; print('minqlora ready: torch', torch.__version__)"
 python -m pytest -q "$@"
 if [ $# -eq 0 ]; then
   # The portable scalar kernels (CPUs without AVX-512) against the same reference, byte for byte.

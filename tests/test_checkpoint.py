@@ -173,9 +173,89 @@ def test_packed_bytes_in_float_storage(hf_models, tmp_path):
     config["quantization_config"]["bnb_4bit_quant_storage"] = "bfloat16"
     (tmp_path / "config.json").write_text(json.dumps(config))
     again = load_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert torch.equal(again.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
+    up = again.model.layers[1].mlp.up_proj.weight  # kept in its stored dtype, the bytes untouched
+    assert up.dtype == torch.bfloat16 and torch.equal(up.view(-1).view(torch.uint8),
+                                                       model.model.layers[1].mlp.up_proj.weight.view(-1))
     with torch.no_grad():
         assert torch.equal(again(IDS), model(IDS))
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def test_state_dict_goes_straight_to_safetensors(hf_models, tmp_path):
+    """A 4-bit Llama's plain state_dict() (no save_pretrained, no clones) saves with safetensors and loads back:
+    every Linear4bit owns its buffers, the double-quant map included, so no two tensors share memory."""
+    model = load_pretrained(hf_models["gqa"][1], quantize="nf4", double_quant=True, dtype=torch.float32).eval()
+    save_file(model.state_dict(), tmp_path / "sd.safetensors")
+    again = load_pretrained(hf_models["gqa"][1], quantize="nf4", double_quant=False, dtype=torch.float32).eval()
+    again.load_state_dict(load_file(tmp_path / "sd.safetensors"))  # Linear4bit takes the stored (nested) state
+    assert again.model.layers[1].mlp.down_proj.weight_nested_absmax is not None
+    with torch.no_grad():
+        assert torch.equal(again(IDS), model(IDS))
+
+
+@pytest.fixture(scope="module")
+def bnb_bf16_storage(hf_models, tmp_path_factory):
+    """An FSDP-style checkpoint: transformers + bitsandbytes NF4 + double quant with bnb_4bit_quant_storage=bf16,
+    saved before any forward (bnb-format.md §5)."""
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                             bnb_4bit_quant_storage=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_models["gqa"][1], quantization_config=config,
+                                                              dtype=torch.float32)
+    saved = tmp_path_factory.mktemp("bnb_bf16_storage")
+    model.save_pretrained(saved)
+    return saved
+
+
+def test_fsdp_style_bf16_storage_checkpoint_loads_with_identical_bytes(bnb_bf16_storage, bnb_model):
+    stored = load_file(bnb_bf16_storage / "model.safetensors")
+    packed = [k for k in stored if k.endswith("proj.weight")]
+    assert len(packed) == 7 * TINY["num_hidden_layers"] and all(stored[k].dtype == torch.bfloat16 for k in packed)
+    model = load_pretrained(bnb_bf16_storage, dtype=torch.float32).eval()
+    ours = model.state_dict()
+    for k in stored:  # same keys, dtypes and bytes (bf16 views of packed nibbles compared as bytes)
+        assert ours[k].dtype == stored[k].dtype and torch.equal(as_bytes(ours[k]), as_bytes(stored[k])), k
+    assert model.model.layers[0].self_attn.q_proj.quant_storage == torch.bfloat16
+    # the same weights in uint8 storage (transformers' default) give identical logits
+    uint8 = load_pretrained(bnb_model[1], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(IDS), uint8(IDS))
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_quant_storage_round_trips_through_save_pretrained(hf_models, tmp_path, storage):
+    reference = load_pretrained(hf_models["gqa"][1], quantize="nf4", dtype=torch.float32).eval()
+    model = load_pretrained(hf_models["gqa"][1], quantize="nf4", dtype=torch.float32, quant_storage=storage).eval()
+    save_pretrained(model, tmp_path)
+    q = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert q["bnb_4bit_quant_storage"] == str(storage).removeprefix("torch.")
+    stored = load_file(tmp_path / "model.safetensors")
+    lin = "model.layers.1.mlp.up_proj.weight"
+    assert stored[lin].dtype == storage
+    assert torch.equal(as_bytes(stored[lin]), reference.model.layers[1].mlp.up_proj.weight.view(-1))
+    again = load_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert again.model.layers[1].mlp.up_proj.quant_storage == storage
+    with torch.no_grad():
+        assert torch.equal(again(IDS), reference(IDS))
+
+
+def test_minqlora_bf16_storage_checkpoint_loads_in_transformers(hf_models, tmp_path):
+    model = load_pretrained(hf_models["gqa"][1], quantize="nf4", dtype=torch.float32,
+                            quant_storage=torch.bfloat16).eval()
+    save_pretrained(model, tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    stored = load_file(tmp_path / "model.safetensors")
+    with torch.no_grad():
+        for name, m in theirs.named_modules():  # before any forward (bnb-format.md §5)
+            if name.rsplit(".", 1)[-1] in PROJECTIONS:
+                assert m.weight.dtype == torch.bfloat16 and m.weight.quant_storage == torch.bfloat16, name
+                assert torch.equal(as_bytes(m.weight.data), as_bytes(stored[name + ".weight"])), name
+                w = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                assert torch.allclose(w, model.get_submodule(name).dequantize(torch.float32), rtol=1e-6, atol=0)
+        assert rel(theirs(IDS).logits, model(IDS)) <= 0.02  # bnb's CPU forward may compute in bf16
 
 
 def test_16bit_save_sharded_and_atomic(hf_models, tmp_path):

@@ -2,7 +2,8 @@
 TrainConfig mapping, and every subcommand end to end on a tiny random Llama saved as a Hugging Face directory with a
 tiny ChatML tokenizer (CPU, in-process through main(argv); one subprocess checks `python -m minqlora`).
 
-Leaves out the numbers the commands compute (test_report.py, test_sft.py, ...) and the real model (test_demo.py).
+Leaves out what new users trip over (test_cli_errors.py), the numbers the commands compute (test_report.py,
+test_sft.py, ...) and the real model (test_demo.py).
 """
 
 import json
@@ -12,36 +13,15 @@ import sys
 import pytest
 import torch
 
-from minqlora.checkpoint import load_pretrained, save_pretrained
-from minqlora.cli import build_parser, main
+from cli_helpers import files, run  # noqa: F401  (files: a fixture)
+from minqlora.checkpoint import load_pretrained
+from minqlora.cli import main
+from minqlora.cli_args import build_parser
 from minqlora.linear4bit import Linear4bit
 from minqlora.sft import TrainConfig
-from minqlora.tokenizer import Tokenizer
 from test_sft_helpers import one_thread  # noqa: F401  (autouse fixture)
-from test_sft_helpers import chatml_dir, corpus, counting_records, tiny_model, write_jsonl
 
 COMMANDS = ("quantize", "finetune", "generate", "merge", "export-gguf", "eval", "report")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny HF model directory (config.json, model.safetensors, tokenizer.json + template), data and text."""
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "model"
-    model_dir.mkdir()
-    chatml_dir(model_dir)
-    tok = Tokenizer.from_pretrained(model_dir)
-    save_pretrained(tiny_model(tok.vocab_size, layers=2), model_dir)
-    data = write_jsonl(root / "train.jsonl", counting_records(24))
-    text = root / "text.txt"
-    text.write_text(" ".join(corpus(30)), encoding="utf-8")
-    return {"root": root, "model": str(model_dir), "data": str(data), "text": str(text)}
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # -- help and argument errors -----------------------------------------------------------------------------------------
@@ -122,7 +102,7 @@ def test_user_errors_exit_2_naming_the_thing(capsys, files, tmp_path):
 
 
 def test_finetune_flags_map_onto_train_config():
-    parser = build_parser()
+    parser = build_parser(TrainConfig())
     args = parser.parse_args(["finetune", "--model", ".", "--data", __file__, "--out", "o", "--r", "8", "--alpha",
                               "4", "--dropout", "0", "--lr", "1e-3", "--steps", "7", "--seq-len", "99",
                               "--batch-size", "3", "--grad-accum", "2", "--eval-every", "5", "--save-every", "6",
@@ -165,7 +145,7 @@ def test_end_to_end(capsys, files):
     assert code == 0 and str(run_dir) in out
     saved = json.loads((run_dir / "train_config.json").read_text())
     assert (saved["lora_r"], saved["lora_alpha"], saved["max_steps"], saved["seq_len"]) == (4, 8, 3, 48)
-    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "metrics.jsonl").is_file()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "metrics.jsonl").is_file()
     code, _, err = run(capsys, "finetune", "--model", root / "q4", "--data", files["data"], "--out", run_dir,
                        "--steps", "3")
     assert code == 2 and "holds another run" in err  # a second run into the same directory is refused

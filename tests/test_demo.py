@@ -63,7 +63,7 @@ def test_reduced_demo_improves_exact_match(tmp_path):
     for key in ("adapter", "merged", "gguf_out"):
         assert Path(results["paths"][key]).exists(), key
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert (out / "adapter" / "loss.png").is_file()
+    assert (out / "loss.png").is_file()  # beside adapter/, as metrics.jsonl and checkpoints/
     assert (out / "merged" / "model.safetensors").is_file() and (out / "merged" / "tokenizer.json").is_file()
     # The exported GGUF reloads and answers like the tuned model on the samples it got right.
     for sample, reply in zip(results["samples"], results["gguf_reloaded_replies"]):

@@ -189,3 +189,40 @@ def test_from_bnb_dict_rejects_bad_json_fields():
         sd["w.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(bad).encode()), dtype=torch.uint8)
         with pytest.raises(ValueError, match=match):
             QuantState.from_bnb_dict(sd, "w")
+
+
+# -- 8-bit blockwise: every blocksize bitsandbytes' CPU path takes ---------------------------------------------------
+
+@pytest.mark.parametrize("blocksize", [16384, 8192, 4096, 256, 100, 48, 7, 1])
+def test_8bit_blockwise_takes_every_blocksize_bitsandbytes_takes(blocksize):
+    """bitsandbytes' quantize_blockwise / dequantize_blockwise take any positive blocksize on the CPU (its CUDA
+    quantize takes 64..4096): so do ours. Codes: the exact nearest (the reference); bitsandbytes' CPU path looks
+    them up in 65,536 bins over [-1, 1], so on rare values its code is up to one bin (2/65536) farther from the value
+    than the nearest, several steps off near 0 where the map is denser than the bins. Absmax: identical."""
+    x = torch.randn(40000, generator=torch.Generator().manual_seed(blocksize))
+    codes, absmax = mq.quantize_blockwise_8bit(x, quant.DYNAMIC_SIGNED, blocksize)
+    ref_codes, ref_absmax = quant.quantize_blockwise_8bit_ref(x, quant.DYNAMIC_SIGNED, blocksize)
+    assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
+    theirs, their_state = bnbF.quantize_blockwise(x, code=quant.DYNAMIC_SIGNED, blocksize=blocksize)
+    assert torch.equal(absmax, their_state.absmax)
+    theirs = theirs.view(-1)
+    assert int((codes != theirs).sum()) <= x.numel() // 400  # 0.25 %; 71 of 40,000 seen at 16384
+    blocks = quant._blocks(x, blocksize)
+    s = quant._scale(blocks, quant._absmax(blocks)).reshape(-1)[: x.numel()]
+    m = quant.DYNAMIC_SIGNED
+    assert torch.all((m[theirs.long()] - s).abs() <= (m[codes.long()] - s).abs() + 2 / 65536)
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = mq.dequantize_blockwise_8bit(codes, absmax, quant.DYNAMIC_SIGNED, blocksize, dtype)
+        assert torch.equal(ours, quant.dequantize_blockwise_8bit_ref(codes, absmax, quant.DYNAMIC_SIGNED,
+                                                                     blocksize, dtype))
+        their_state.dtype = dtype
+        assert torch.equal(ours, bnbF.dequantize_blockwise(codes, their_state))
+
+
+@pytest.mark.parametrize("blocksize", [0, -64, 2.5, True])
+def test_8bit_blockwise_refuses_non_positive_or_non_int_blocksizes(blocksize):
+    with pytest.raises(ValueError, match="blocksize must be a positive int"):
+        mq.quantize_blockwise_8bit(torch.randn(64), quant.DYNAMIC_SIGNED, blocksize)
+    with pytest.raises(ValueError, match="blocksize must be a positive int"):
+        mq.dequantize_blockwise_8bit(torch.zeros(64, dtype=torch.uint8), torch.ones(1), quant.DYNAMIC_SIGNED,
+                                     blocksize)

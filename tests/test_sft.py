@@ -194,7 +194,9 @@ def test_training_lowers_eval_loss(tmp_path, tok, data_file):
     assert result["eval_loss"] == evals[-1] and result["step"] == 30
     out = tmp_path / "run"
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    # the final adapter alone in adapter/, the resumable checkpoints beside it
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert result["adapter_dir"] == str(out / "adapter")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000030"]
 
 
@@ -285,7 +287,7 @@ def test_killed_and_interrupted_runs_resume_bit_identically(tmp_path, tok_dir, d
 
     def final(name):
         rows = [{k: v for k, v in r.items() if k not in TIMING} for r in metrics(tmp_path / name)]
-        return (tmp_path / name / "adapter_model.safetensors").read_bytes(), rows
+        return (tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes(), rows
 
     ref = launch("ref")
     assert ref.returncode == 0, ref.stderr

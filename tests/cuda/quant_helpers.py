@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from minqlora import quant
+from minqlora import ops, quant  # noqa: F401  (ops registers torch.ops.minqlora)
 from minqlora.quant import QuantState
 
 OPS = torch.ops.minqlora
