@@ -175,7 +175,7 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch
     other dtypes and the CPU dequantize the weight and call a matmul."""
     if x.shape[-1] != state.shape[-1]:
         raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {state.shape[-1]}")
-    return _ops.gemm_4bit(x, packed, *_state_args(state))
+    return _ops.gemm_4bit(x, quant.packed_bytes(packed), *_state_args(state))
 
 
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per_cta: int = 0) -> torch.Tensor:
