@@ -10,10 +10,11 @@ loss. Each try starts fresh: the model is built once and shared, everything a st
 state, activations, cached blocks) is freed and the peak reset before the next try.
 
 The search doubles the length from --start while steps pass, then bisects between the longest pass and the
-shortest failure down to --resolution tokens. --quick tries only --lengths (default: the target of issue 9 and
-twice it) in increasing order, stopping at the first failure, one step each unless --steps says more.
---time-budget stops the search early (step time grows with T²: a 131k-token step of the 8B shape takes tens of
-seconds).
+shortest failure down to --resolution tokens. --quick tries only --lengths (default: the target of issue 9) in
+increasing order, stopping at the first failure, one step each unless --steps says more. A length is not tried
+when its step would not fit --time-budget (step time taken to grow as T² from the longest pass: a 131k-token
+step of the 8B shape takes about a minute) or when its offloaded checkpoints (2 · layers · T · H · 2 bytes of
+pinned host memory: 64 GiB for the 8B shape at 131k) would not fit 80 % of the host's available memory.
 
     python3 benchmarks/bench_context.py --shape llama-3-70b --cap-gb 48 --quick
     python3 benchmarks/bench_context.py --shape llama-3-8b --cap-gb 80 --quick
@@ -28,53 +29,90 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
-from bench_step import StepConfig, fresh, measure, minqlora_model, minqlora_step, peak_gb, random_batch
+from bench_step import StepConfig, fresh, measure, minqlora_model, minqlora_step, random_batch
 from minqlora.shapes import SHAPES, flops_per_token, shape_config
 
 TARGETS = {"llama-3-70b": 16384, "llama-2-70b": 16384, "llama-3-8b": 131072, "tiny": 512}
 
 
-def try_length(model, config, length: int, device, cfg: StepConfig, steps: int) -> dict:
-    """One fresh try at batch 1 x length: {"length", "ok", "s", "tok_s", "peak_gb"} (s of the last step)."""
-    batch = random_batch(config.vocab_size, 1, length, seed=length)
-    tick = time.perf_counter()
-    r = measure(lambda: minqlora_step(model, batch, device, cfg), device, warmup=steps - 1, steps=1)
-    row = {"length": length, "ok": "s" in r, "wall_s": round(time.perf_counter() - tick, 1), **r}
-    if row["ok"]:
-        row["tok_s"] = length / r["s"]
-        row["tflops"] = 3 * flops_per_token(config, length) * row["tok_s"] / 1e12
-    state = (f"{row['tok_s']:9.1f} tok/s  {row['peak_gb']:.2f} GB" if row["ok"] and row["peak_gb"] is not None
-             else f"{row['tok_s']:9.1f} tok/s" if row["ok"] else "OOM")
-    print(f"  T = {length:7d}: {state}  ({row['wall_s']} s)", flush=True)
-    return row
+def host_bytes_needed(config, length: int, cfg: StepConfig) -> int:
+    """Pinned host memory the offloaded checkpoints of a batch-1 step take: two (T, H) bf16 inputs per layer."""
+    return 2 * config.num_hidden_layers * length * config.hidden_size * 2 if cfg.offload else 0
 
 
-def search(model, config, device, cfg, start: int, resolution: int, steps: int, budget: float) -> list[dict]:
-    """Double from `start` while steps pass, then bisect to `resolution` tokens; stop when `budget` s are spent."""
-    began, tries = time.perf_counter(), []
+def host_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
 
-    def over() -> bool:
-        return time.perf_counter() - began > budget
 
+class Tries:
+    """The tries so far, and whether the next one fits the time budget and the host's memory."""
+
+    def __init__(self, model, config, device, cfg: StepConfig, steps: int, budget: float):
+        self.model, self.config, self.device, self.cfg, self.steps = model, config, device, cfg, steps
+        self.began, self.budget, self.rows = time.perf_counter(), budget, []
+
+    def refuse(self, length: int) -> str | None:
+        """Why `length` is not tried (None: try it). Time grows about as T² (attention) from the last pass."""
+        need, have = host_bytes_needed(self.config, length, self.cfg), host_available()
+        if need > 0.8 * have:
+            return f"host memory: offloading needs {need / 2**30:.0f} GiB pinned, {have / 2**30:.0f} GiB available"
+        done = [r for r in self.rows if r["ok"]]
+        if done:
+            last = max(done, key=lambda r: r["length"])
+            guess = last["wall_s"] * (length / last["length"]) ** 2
+            left = self.budget - (time.perf_counter() - self.began)
+            if guess > left:
+                return f"time budget: about {guess:.0f} s expected, {left:.0f} s left"
+        return None
+
+    def run(self, length: int) -> dict | None:
+        """One fresh try at batch 1 x length (None when refused): {"length", "ok", "s", "tok_s", "peak_gb"}."""
+        why = self.refuse(length)
+        if why:
+            print(f"  T = {length:7d}: not tried ({why})", flush=True)
+            return None
+        batch = random_batch(self.config.vocab_size, 1, length, seed=length)
+        tick = time.perf_counter()
+        r = measure(lambda: minqlora_step(self.model, batch, self.device, self.cfg), self.device,
+                    warmup=self.steps - 1, steps=1)
+        row = {"length": length, "ok": "s" in r, "wall_s": round(time.perf_counter() - tick, 1), **r}
+        if row["ok"]:
+            row["tok_s"] = length / r["s"]
+            row["tflops"] = 3 * flops_per_token(self.config, length) * row["tok_s"] / 1e12
+            state = f"{row['tok_s']:9.1f} tok/s" + (f"  {row['peak_gb']:.2f} GB" if row["peak_gb"] else "")
+        else:
+            state = "OOM"
+        print(f"  T = {length:7d}: {state}  ({row['wall_s']} s)", flush=True)
+        self.rows.append(row)
+        return row
+
+
+def search(tries: Tries, start: int, resolution: int) -> None:
+    """Double from `start` while steps pass, then bisect to `resolution` tokens."""
     good, bad, length = 0, None, start
-    while bad is None and not over():
-        row = try_length(model, config, length, device, cfg, steps)
-        tries.append(row)
+    while bad is None:
+        row = tries.run(length)
+        if row is None:
+            return
         if row["ok"]:
             good, length = length, length * 2
         else:
             bad = length
-    while bad is not None and bad - good > resolution and not over():
+    while bad - good > resolution:
         length = (good + bad) // 2 // resolution * resolution or resolution
         if length in (good, bad):
-            break
-        row = try_length(model, config, length, device, cfg, steps)
-        tries.append(row)
+            return
+        row = tries.run(length)
+        if row is None:
+            return
         good, bad = (length, bad) if row["ok"] else (good, length)
-    return tries
 
 
 def main() -> None:
@@ -87,7 +125,7 @@ def main() -> None:
                     " whose time then includes first-step costs such as pinning host buffers)")
     ap.add_argument("--time-budget", type=float, default=480.0, help="seconds of searching at most")
     ap.add_argument("--quick", action="store_true", help="only --lengths, one step each, stop at the first OOM")
-    ap.add_argument("--lengths", type=int, nargs="+", help="lengths for --quick (default: target and 2x target)")
+    ap.add_argument("--lengths", type=int, nargs="+", help="lengths for --quick (default: the target)")
     ap.add_argument("--checkpointing", default="full", choices=("full", "selective"))
     ap.add_argument("--no-offload", dest="offload", action="store_false", help="keep checkpoints on the GPU")
     ap.add_argument("--loss-chunk", type=int, default=256, help="rows per piece of the fused head + loss")
@@ -112,17 +150,18 @@ def main() -> None:
           f"{' + offload' if cfg.offload else ''}, loss chunk {cfg.loss_chunk}, torch {torch.__version__}")
     tick = time.perf_counter()
     model = minqlora_model(config, device)
-    print(f"built in 4 bits in {time.perf_counter() - tick:.1f} s; model {peak_gb(device) or 0:.2f} GB")
+    held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    print(f"built in 4 bits in {time.perf_counter() - tick:.1f} s; the model holds {held:.2f} GB")
     fresh(device)
+    tries = Tries(model, config, device, cfg, args.steps, args.time_budget)
     if args.quick:
-        tries = []
-        for length in sorted(args.lengths or (target, 2 * target)):
-            tries.append(try_length(model, config, length, device, cfg, steps=args.steps))
-            if not tries[-1]["ok"]:
+        for length in sorted(args.lengths or (target,)):
+            row = tries.run(length)
+            if row is None or not row["ok"]:
                 break
     else:
-        tries = search(model, config, device, cfg, args.start or max(target // 4, 2), args.resolution or
-                       max(target // 16, 1), args.steps, args.time_budget)
+        search(tries, args.start or max(target // 4, 2), args.resolution or max(target // 16, 1))
+    tries = tries.rows
     passed = [t for t in tries if t["ok"]]
     best = max(passed, key=lambda t: t["length"]) if passed else None
     failed = min((t["length"] for t in tries if not t["ok"] and (best is None or t["length"] > best["length"])),

@@ -55,9 +55,8 @@ def random_hf_qlora(config: LlamaConfig, device: torch.device, r=16, alpha=32, d
                                         compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
                                         device="meta")
                 weight = draw((old.out_features, old.in_features), old.in_features ** -0.5)
-                new.weight = bnb.nn.Params4bit(weight.cpu() if device.type == "cpu" else weight,
-                                               requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                               blocksize=64).to(device)  # quantizes here, the bf16 copy is freed
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
+                                               quant_type="nf4", blocksize=64, module=new).to(device)  # quantizes
                 setattr(parent, name, new)
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.weight = nn.Parameter(torch.ones(config.hidden_size, dtype=torch.bfloat16, device=device))
