@@ -11,9 +11,10 @@ of torch's allocator while the configuration ran, model included (GiB, "GB" belo
 torch.cuda.max_memory_allocated counts it; the paged optimizer state of both sides lives in managed memory, outside
 it), TFLOP/s counted as 3 × shapes.flops_per_token (forward, recompute, grad-input) and the ratio to transformers.
 
-minqlora configurations (CONFIGS): the checkpointing mode (none / selective / full), the checkpointed layer inputs
-offloaded to host memory or not, and the loss's chunk (0: full logits). "fast" is then the fastest configuration
-whose peak is at most transformers' peak, "lean" the one with the least peak memory; both are printed with ratios.
+minqlora configurations (CONFIGS): the checkpointing mode (none / selective / full), the last layers left
+uncheckpointed, the checkpointed layer inputs offloaded to host memory or not, and the loss's chunk (0: full
+logits). "fast" is then the fastest configuration whose peak is at most transformers' peak, "lean" the one with the
+least peak memory; both are printed with ratios.
 Each model is freed before the next is built, so a peak counts one model. A configuration that runs out of memory
 is reported as OOM and the rest go on.
 
@@ -60,17 +61,19 @@ class StepConfig:
     checkpointing: str  # "full", "selective" or "none" (checkpointing.py)
     offload: bool  # checkpointed layer inputs in pinned host memory
     loss_chunk: int  # rows per piece of the fused head + loss; 0: full logits (the readable path)
+    keep_last: int = 0  # with checkpointing, the last N layers keep their activations
 
 
 CONFIGS = (
     StepConfig("full+logits", "full", False, 0),  # today's path before the chunked loss: the reference point
     StepConfig("none", "none", False, 1024),
     StepConfig("selective", "selective", False, 1024),
+    StepConfig("selective-keep8", "selective", False, 1024, keep_last=8),  # spends memory left under the budget
     StepConfig("full", "full", False, 1024),
     StepConfig("selective+offload", "selective", True, 1024),
     StepConfig("full+offload", "full", True, 256),
 )
-QUICK = ("none", "selective", "full", "full+offload")
+QUICK = ("none", "selective", "selective-keep8", "full", "full+offload")
 
 
 def random_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> Batch:
@@ -95,6 +98,7 @@ def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     """A closure running one optimizer step of `model` under `cfg`, and a function freeing its state."""
     model.gradient_checkpointing = cfg.checkpointing
     model.model.offload_checkpoints = cfg.offload
+    model.model.keep_last_layers = cfg.keep_last
     params = [p for p in model.parameters() if p.requires_grad]
     opt = PagedAdamW(params, lr=LR)
     n = batch.num_label_tokens
@@ -187,7 +191,7 @@ def run_shape(shape: str, config, batches, device, configs, sides, warmup, steps
                 r = measure(lambda: minqlora_step(model, batch, device, cfg), device, warmup, steps)
                 rows.append({"side": "minqlora", "config": cfg.name, "batch": b, "seq_len": t, **r,
                              "checkpointing": cfg.checkpointing, "offload": cfg.offload,
-                             "loss_chunk": cfg.loss_chunk})
+                             "loss_chunk": cfg.loss_chunk, "keep_last": cfg.keep_last})
                 print(_line(rows[-1]), flush=True)
         del model
         fresh(device)

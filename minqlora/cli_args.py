@@ -165,6 +165,8 @@ def _finetune_flags(p) -> None:
                      help="same as --checkpointing none (faster, more memory)")
     opt.add_argument("--offload-checkpoints", dest="offload_checkpoints", action="store_true",
                      help="keep checkpointed layer inputs in pinned host memory (long context on CUDA)")
+    opt.add_argument("--keep-last-layers", dest="keep_last_layers", type=non_negative_int,
+                     default=d.keep_last_layers, help="with checkpointing, the last N layers are not recomputed")
     opt.add_argument("--loss-chunk", dest="loss_chunk", type=non_negative_int, default=d.loss_chunk,
                      help="tokens per piece of the fused output layer + loss (0: full logits at once)")
     book = _FlagGroup(p, "bookkeeping")

@@ -314,6 +314,7 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False  # or "full" / "selective" / "none" (checkpointing.py); True = "full"
         self.offload_checkpoints = False  # checkpointed layer inputs to pinned host memory (checkpointing.py)
+        self.keep_last_layers = 0  # with checkpointing, the last N layers keep their activations (no recomputation)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         b, t = input_ids.shape
@@ -332,8 +333,9 @@ class LlamaModel(nn.Module):
         mode = checkpoint_mode(self.gradient_checkpointing)
         recompute = mode != "none" and self.training and cache is None and torch.is_grad_enabled()
         offloader = HostOffloader(x.device) if recompute and self.offload_checkpoints else None
-        for layer in self.layers:
-            if recompute:
+        checkpointed = len(self.layers) - self.keep_last_layers
+        for i, layer in enumerate(self.layers):
+            if recompute and i < checkpointed:
                 # Recompute each block in backward: keeps one (B, T, H) activation per layer instead of ~20.
                 x = checkpoint_layer(layer, x, cos, sin, mask, mode=mode, offloader=offloader)
             else:

@@ -87,6 +87,8 @@ class TrainConfig:
     gradient_checkpointing: bool | str = "full"  # "full": recompute each decoder layer in backward (QLoRA trains
     # so); "selective": also keep attention outputs (no O(T²) recompute); "none" (or False): keep everything
     offload_checkpoints: bool = False  # checkpointed layer inputs to pinned host memory (long context; CUDA)
+    keep_last_layers: int = 0  # with checkpointing, the last N decoder layers keep their activations: faster,
+    # N layers' activations more memory (spend what the memory budget leaves)
     loss_chunk: int = 512  # rows per piece of the fused head + cross-entropy (loss.py); 0: full logits at once
     # -- bookkeeping
     seed: int = 42  # eval split, data order, packing and LoRA init/dropout
@@ -110,6 +112,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         self.gradient_checkpointing = checkpoint_mode(self.gradient_checkpointing)
+        if self.keep_last_layers < 0:
+            raise ValueError(f"TrainConfig.keep_last_layers must be >= 0, got {self.keep_last_layers!r}")
         if self.loss_chunk < 0:
             raise ValueError(f"TrainConfig.loss_chunk must be >= 0 (0: full logits), got {self.loss_chunk!r}")
         if self.offload_checkpoints and self.gradient_checkpointing == "none":
@@ -209,6 +213,7 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
                  targets=config.lora_targets)
     model.gradient_checkpointing = config.gradient_checkpointing
     model.model.offload_checkpoints = config.offload_checkpoints
+    model.model.keep_last_layers = config.keep_last_layers
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = PagedAdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,

@@ -10,9 +10,10 @@ from minqlora.lora import add_lora, lora_modules
 from minqlora.shapes import random_model
 
 
-def _loss_and_grads(model, ids, mode, offload):
+def _loss_and_grads(model, ids, mode, offload, keep_last=0):
     model.gradient_checkpointing = mode
     model.model.offload_checkpoints = offload
+    model.model.keep_last_layers = keep_last
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)  # the same dropout masks for every configuration
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.lm_head.weight.dtype == torch.bfloat16):
@@ -35,12 +36,12 @@ def lora_model(request):
     return model
 
 
-@pytest.mark.parametrize("mode,offload", [("full", False), ("selective", False), ("full", True),
-                                          ("selective", True)])
-def test_modes_give_the_same_loss_and_gradients(lora_model, mode, offload):
+@pytest.mark.parametrize("mode,offload,keep_last", [("full", False, 0), ("selective", False, 0), ("full", True, 0),
+                                                    ("selective", True, 0), ("full", False, 1), ("full", True, 1)])
+def test_modes_give_the_same_loss_and_gradients(lora_model, mode, offload, keep_last):
     ids = torch.randint(0, lora_model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     ref_loss, ref = _loss_and_grads(lora_model, ids, "none", False)
-    loss, grads = _loss_and_grads(lora_model, ids, mode, offload)
+    loss, grads = _loss_and_grads(lora_model, ids, mode, offload, keep_last)
     assert len(ref) == 2 * 7 * 2
     # On a CPU the recomputation repeats the same kernels on the same inputs with the same RNG: bit-identical.
     assert torch.equal(loss, ref_loss)
