@@ -68,12 +68,13 @@ CONFIGS = (
     StepConfig("full+logits", "full", False, 0),  # today's path before the chunked loss: the reference point
     StepConfig("none", "none", False, 1024),
     StepConfig("selective", "selective", False, 1024),
-    StepConfig("selective-keep8", "selective", False, 1024, keep_last=8),  # spends memory left under the budget
+    StepConfig("selective-keep4", "selective", False, 1024, keep_last=4),  # spends memory left under the budget
+    StepConfig("selective-keep8", "selective", False, 1024, keep_last=8),
     StepConfig("full", "full", False, 1024),
     StepConfig("selective+offload", "selective", True, 1024),
     StepConfig("full+offload", "full", True, 256),
 )
-QUICK = ("none", "selective", "selective-keep8", "full", "full+offload")
+QUICK = ("none", "selective", "selective-keep4", "full", "full+offload")
 
 
 def random_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> Batch:
