@@ -200,8 +200,17 @@ def _finetune_flags(p, d) -> None:
                      help="gradient clipping (0: off)")
     opt.add_argument("--precision", dest="precision", default=d.precision, choices=("auto", "bf16", "fp32"),
                      help="auto: bf16 autocast on CUDA")
+    opt.add_argument("--checkpointing", dest="gradient_checkpointing", default=d.gradient_checkpointing,
+                     choices=("full", "selective", "none"),
+                     help="recompute decoder layers in backward: full; selective (keeps attention outputs); none")
     opt.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                     help="keep activations instead of recomputing them (faster, more memory)")
+                     help="same as --checkpointing none (faster, more memory)")
+    opt.add_argument("--offload-checkpoints", dest="offload_checkpoints", action="store_true",
+                     help="keep checkpointed layer inputs in pinned host memory (long context on CUDA)")
+    opt.add_argument("--keep-last-layers", dest="keep_last_layers", type=non_negative_int,
+                     default=d.keep_last_layers, help="with checkpointing, the last N layers are not recomputed")
+    opt.add_argument("--loss-chunk", dest="loss_chunk", type=non_negative_int, default=d.loss_chunk,
+                     help="tokens per piece of the fused output layer + loss (0: full logits at once)")
     book = _FlagGroup(p, "bookkeeping")
     book.add_argument("--seed", dest="seed", type=any_int, default=d.seed, help="split, order, LoRA init, dropout")
     book.add_argument("--log-every", dest="log_every", type=positive_int, default=d.log_every,

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from .checkpointing import HostOffloader, checkpoint_layer, checkpoint_mode
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -262,7 +263,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return self.mlp_block(self.attention_block(x, cos, sin, mask, cache))
+
+    # The two residual halves, callable apart so checkpointing.py can recompute (and offload) them one at a time.
+    def attention_block(self, x, cos, sin, mask, cache: KVCache | None = None):
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+
+    def mlp_block(self, x):
+        # Position-wise: any split of the tokens gives the same result (checkpointing.py tiles long sequences).
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -304,7 +312,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # or "full" / "selective" / "none" (checkpointing.py); True = "full"
+        self.offload_checkpoints = False  # checkpointed layer inputs to pinned host memory (checkpointing.py)
+        self.keep_last_layers = 0  # with checkpointing, the last N layers keep their activations (no recomputation)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         b, t = input_ids.shape
@@ -320,10 +330,14 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         mask = attention_mask_4d(attention_mask, past, t, input_ids.device)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and cache is None:
+        mode = checkpoint_mode(self.gradient_checkpointing)
+        recompute = mode != "none" and self.training and cache is None and torch.is_grad_enabled()
+        offloader = HostOffloader(x.device) if recompute and self.offload_checkpoints else None
+        checkpointed = len(self.layers) - self.keep_last_layers
+        for i, layer in enumerate(self.layers):
+            if recompute and i < checkpointed:
                 # Recompute each block in backward: keeps one (B, T, H) activation per layer instead of ~20.
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint_layer(layer, x, cos, sin, mask, mode=mode, offloader=offloader)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -349,12 +363,13 @@ class Llama(nn.Module):
         self.register_load_state_dict_post_hook(_retie_after_load)
 
     @property
-    def gradient_checkpointing(self) -> bool:
+    def gradient_checkpointing(self) -> bool | str:
         return self.model.gradient_checkpointing
 
     @gradient_checkpointing.setter
-    def gradient_checkpointing(self, on: bool):
-        self.model.gradient_checkpointing = on
+    def gradient_checkpointing(self, mode: bool | str):
+        checkpoint_mode(mode)  # refuse a bad mode here, not at the next forward
+        self.model.gradient_checkpointing = mode
 
     def tie_weights(self):
         """Make lm_head use embed_tokens' weight when the config ties them (no-op otherwise)."""

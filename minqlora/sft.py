@@ -37,6 +37,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import gguf_io, load_pretrained  # gguf_io is None without the optional `gguf` package
 from .data import IGNORE_INDEX, BatchLoader, Batch, iter_batches, load_sft_data, make_rows, packed_attention_mask
+from .checkpointing import checkpoint_mode
+from .loss import linear_cross_entropy
 from .lora import DEFAULT_TARGETS, add_lora, lora_modules, save_adapter, trainable_summary
 from .optim import PagedAdamW
 from .sft_state import (ADAPTER_DIR, METRICS_NAME, PLOT_NAME, Interrupt, load_checkpoint, memory_gb, model_identity,
@@ -82,7 +84,12 @@ class TrainConfig:
     max_grad_norm: float = 0.3  # clip the global gradient norm (QLoRA Appendix B); 0 disables clipping
     # -- precision and memory
     precision: str = "auto"  # "auto": bf16 autocast on CUDA and for bf16 models on CPU; "bf16": always; "fp32": never
-    gradient_checkpointing: bool = True  # recompute each decoder layer in backward (QLoRA trains with it)
+    gradient_checkpointing: bool | str = "full"  # "full": recompute each decoder layer in backward (QLoRA trains
+    # so); "selective": also keep attention outputs (no O(T²) recompute); "none" (or False): keep everything
+    offload_checkpoints: bool = False  # checkpointed layer inputs to pinned host memory (long context; CUDA)
+    keep_last_layers: int = 0  # with checkpointing, the last N decoder layers keep their activations: faster,
+    # N layers' activations more memory (spend what the memory budget leaves)
+    loss_chunk: int = 512  # rows per piece of the fused head + cross-entropy (loss.py); 0: full logits at once
     # -- bookkeeping
     seed: int = 42  # eval split, data order, packing and LoRA init/dropout
     log_every: int = 1  # write a metrics line every this many steps (skipped steps are always written)
@@ -104,6 +111,13 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "log_every", "max_bad_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        self.gradient_checkpointing = checkpoint_mode(self.gradient_checkpointing)
+        if self.keep_last_layers < 0:
+            raise ValueError(f"TrainConfig.keep_last_layers must be >= 0, got {self.keep_last_layers!r}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"TrainConfig.loss_chunk must be >= 0 (0: full logits), got {self.loss_chunk!r}")
+        if self.offload_checkpoints and self.gradient_checkpointing == "none":
+            raise ValueError("TrainConfig.offload_checkpoints needs gradient_checkpointing 'full' or 'selective'")
         if self.max_steps < 0 or self.epochs <= 0:
             raise ValueError(f"TrainConfig needs max_steps >= 0 and epochs > 0, got {self.max_steps}, {self.epochs}")
 
@@ -125,13 +139,15 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def token_loss_sum(model, batch: Batch, device: torch.device, bf16: bool) -> torch.Tensor:
+def token_loss_sum(model, batch: Batch, device: torch.device, bf16: bool, loss_chunk: int = 0) -> torch.Tensor:
     """Sum of next-token cross-entropies over the batch's trained tokens: an fp32 scalar on `device`.
 
     Only hidden states that predict a trained token reach lm_head ((N, H) -> (N, V) instead of (B, T, V)): prompts
     and padding cost no vocabulary projection. Those positions are found on the CPU labels, so selecting them on
     the GPU needs no sync. Unpacked rows are right-padded, so plain causal attention (mask None, which lets SDPA
     use its fused kernels) is exact for every real token; packed rows need the block-diagonal mask.
+    loss_chunk > 0 (and an nn.Linear head) takes loss.linear_cross_entropy: the same sum, loss_chunk rows of
+    logits at a time instead of (N, V) at once; 0 is this readable path.
     """
     targets = batch.labels[:, 1:].reshape(-1)  # (B*(T-1),) logits at t predict labels at t+1
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) on the CPU
@@ -140,6 +156,8 @@ def token_loss_sum(model, batch: Batch, device: torch.device, bf16: bool) -> tor
         hidden = model.model(batch.input_ids.to(device), attention_mask=mask,
                              position_ids=batch.position_ids.to(device))  # (B, T, H)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep.to(device))  # (N, H)
+        if loss_chunk and isinstance(model.lm_head, torch.nn.Linear):
+            return linear_cross_entropy(hidden, model.lm_head, targets[keep].to(device), chunk=loss_chunk)
         logits = model.lm_head(hidden)  # (N, V)
     return F.cross_entropy(logits.float(), targets[keep].to(device), reduction="sum")
 
@@ -152,7 +170,7 @@ def evaluate(model, rows, config: TrainConfig, pad_id: int, device: torch.device
     for i, batch in enumerate(iter_batches(rows, config.batch_size, pad_id)):
         if config.eval_batches and i >= config.eval_batches:
             break
-        total += token_loss_sum(model, batch, device, bf16)
+        total += token_loss_sum(model, batch, device, bf16, config.loss_chunk)
         tokens += batch.num_label_tokens
     model.train()
     return total.item() / max(tokens, 1), tokens  # SYNC: one per evaluation
@@ -194,6 +212,8 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
         add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                  targets=config.lora_targets)
     model.gradient_checkpointing = config.gradient_checkpointing
+    model.model.offload_checkpoints = config.offload_checkpoints
+    model.model.keep_last_layers = config.keep_last_layers
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = PagedAdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
@@ -244,7 +264,7 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
             step_tokens = sum(b.num_label_tokens for b in micro)
             loss_sum = torch.zeros((), device=device)
             for batch in micro:
-                micro_loss = token_loss_sum(model, batch, device, bf16) / max(step_tokens, 1)
+                micro_loss = token_loss_sum(model, batch, device, bf16, config.loss_chunk) / max(step_tokens, 1)
                 micro_loss.backward()
                 loss_sum += micro_loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)

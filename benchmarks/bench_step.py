@@ -1,0 +1,343 @@
+"""One QLoRA step of a random-weight Llama of a named shape: minqlora in several memory/speed configurations
+against transformers + peft + bitsandbytes, in the same process.
+
+Both sides: the base in NF4 + double quantization with bf16 compute, built in 4 bits layer by layer
+(minqlora.shapes.random_model; hf_baseline.random_hf_qlora), LoRA r=16 / alpha=32 / dropout 0.05 on all seven
+projections, bf16 autocast, the full next-token loss over every position of a random batch, gradient clipping at
+0.3 and a paged AdamW step (minqlora's PagedAdamW; bitsandbytes' PagedAdamW32bit). transformers runs with gradient
+checkpointing (prepare_model_for_kbit_training's default) and SDPA attention. A step is timed from the forward to
+the optimizer's zero_grad, synchronized; the median of --steps after --warmup is reported with tokens/s, the peak
+of torch's allocator while the configuration ran, model included (GiB, "GB" below, as
+torch.cuda.max_memory_allocated counts it; the paged optimizer state of both sides lives in managed memory, outside
+it), TFLOP/s counted as 3 × shapes.flops_per_token (forward, recompute, grad-input) and the ratio to transformers.
+
+minqlora configurations (CONFIGS): the checkpointing mode (none / selective / full), the last layers left
+uncheckpointed, the checkpointed layer inputs offloaded to host memory or not, and the loss's chunk (0: full
+logits). "fast" is then the fastest configuration whose peak is at most transformers' peak, "lean" the one with the
+least peak memory; both are printed with ratios.
+Each model is freed before the next is built, so a peak counts one model. A configuration that runs out of memory
+is reported as OOM and the rest go on.
+
+    python3 benchmarks/bench_step.py --shape llama-3-8b --batch 2x1024 4x2048 --json $OUT/step8b.json \\
+        --plot $OUT/frontier.png
+    python3 benchmarks/bench_step.py --shape llama-2-70b --batch 1x512 1x2048 --json $OUT/step70b.json
+    python3 benchmarks/bench_step.py --cpu --tiny            # the whole benchmark on a tiny shape, on a CPU
+    python3 benchmarks/bench_step.py --plot frontier.png --from step8b.json   # redraw the plot from results
+--only minqlora / --only transformers runs one side; --configs picks minqlora configurations by name; --quick takes
+one warmup and two timed steps and the configurations of QUICK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import hf_baseline  # benchmarks/: the transformers + peft + bitsandbytes side
+from minqlora.data import Batch
+from minqlora.lora import add_lora
+from minqlora.optim import PagedAdamW
+from minqlora.shapes import SHAPES, flops_per_token, random_model, shape_config
+from minqlora.sft import token_loss_sum
+
+try:  # optional: only --plot needs it
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+except ImportError:
+    Figure = None
+
+LR, CLIP = 2e-4, 0.3
+R, ALPHA, DROPOUT = 16, 32, 0.05
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    name: str
+    checkpointing: str  # "full", "selective" or "none" (checkpointing.py)
+    offload: bool  # checkpointed layer inputs in pinned host memory
+    loss_chunk: int  # rows per piece of the fused head + loss; 0: full logits (the readable path)
+    keep_last: int = 0  # with checkpointing, the last N layers keep their activations
+
+
+CONFIGS = (
+    StepConfig("full+logits", "full", False, 0),  # today's path before the chunked loss: the reference point
+    StepConfig("none", "none", False, 1024),
+    StepConfig("selective", "selective", False, 1024),
+    StepConfig("selective-keep4", "selective", False, 1024, keep_last=4),  # spends memory left under the budget
+    StepConfig("selective-keep8", "selective", False, 1024, keep_last=8),
+    StepConfig("full", "full", False, 1024),
+    StepConfig("selective+offload", "selective", True, 1024),
+    StepConfig("full+offload", "full", True, 256),
+)
+QUICK = ("none", "selective", "selective-keep4", "full", "full+offload")
+
+
+def random_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> Batch:
+    """Random token ids as an sft Batch whose labels are the ids: the full next-token loss over every position."""
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    ones = torch.ones_like(ids)
+    return Batch(input_ids=ids, labels=ids.clone(), attention_mask=ones,
+                 position_ids=torch.arange(seq_len).expand(batch, seq_len), segment_ids=ones, packed=False,
+                 num_tokens=ids.numel(), num_label_tokens=batch * (seq_len - 1))
+
+
+def minqlora_model(shape, device: torch.device):
+    config = shape if not isinstance(shape, str) else shape_config(shape)
+    torch.manual_seed(0)
+    model = random_model(config, device=device)
+    add_lora(model, r=R, alpha=ALPHA, dropout=DROPOUT)
+    model.train()
+    return model
+
+
+def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
+    """A closure running one optimizer step of `model` under `cfg`, and a function freeing its state."""
+    model.gradient_checkpointing = cfg.checkpointing
+    model.model.offload_checkpoints = cfg.offload
+    model.model.keep_last_layers = cfg.keep_last
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = PagedAdamW(params, lr=LR)
+    n = batch.num_label_tokens
+
+    def step():
+        loss = token_loss_sum(model, batch, device, bf16=True, loss_chunk=cfg.loss_chunk) / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def free():
+        opt.zero_grad(set_to_none=True)
+        opt.state.clear()
+
+    return step, free
+
+
+def hf_step(model, batch: Batch, device: torch.device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = hf_baseline.hf_optimizer(params, device, LR)
+    ids = batch.input_ids.to(device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def free():
+        opt.zero_grad(set_to_none=True)
+        opt.state.clear()
+
+    return step, free
+
+
+def fresh(device: torch.device) -> None:
+    """Drop freed blocks and start a new peak (between configurations)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):  # the pinned blocks of offloaded activations, tens of GB at 100k+
+            torch._C._host_emptyCache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def measure(build, device: torch.device, warmup: int, steps: int) -> dict:
+    """{"s": median seconds per step, "peak_gb"} or {"oom": message}; the step's state is freed either way."""
+    fresh(device)
+    step = free = None
+    try:
+        step, free = build()
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # SYNC: the step's time
+            times.append(time.perf_counter() - start)
+        return {"s": statistics.median(times), "peak_gb": peak_gb(device)}
+    except torch.OutOfMemoryError as e:
+        return {"oom": str(e).splitlines()[0]}
+    finally:
+        if free is not None:
+            free()
+        del step, free
+        fresh(device)
+
+
+def run_shape(shape: str, config, batches, device, configs, sides, warmup, steps) -> list[dict]:
+    rows = []
+    if "minqlora" in sides:
+        tick = time.perf_counter()
+        model = minqlora_model(config, device)
+        print(f"minqlora {shape}: built in 4 bits in {time.perf_counter() - tick:.1f} s")
+        for b, t in batches:
+            batch = random_batch(config.vocab_size, b, t)
+            for cfg in configs:
+                r = measure(lambda: minqlora_step(model, batch, device, cfg), device, warmup, steps)
+                rows.append({"side": "minqlora", "config": cfg.name, "batch": b, "seq_len": t, **r,
+                             "checkpointing": cfg.checkpointing, "offload": cfg.offload,
+                             "loss_chunk": cfg.loss_chunk, "keep_last": cfg.keep_last})
+                print(_line(rows[-1]), flush=True)
+        del model
+        fresh(device)
+    if "transformers" in sides:
+        tick = time.perf_counter()
+        model = hf_baseline.random_hf_qlora(config, device, r=R, alpha=ALPHA, dropout=DROPOUT)
+        print(f"transformers {shape}: built in 4 bits in {time.perf_counter() - tick:.1f} s")
+        for b, t in batches:
+            batch = random_batch(config.vocab_size, b, t)
+            r = measure(lambda: hf_step(model, batch, device), device, warmup, steps)
+            rows.append({"side": "transformers", "config": "peft+bnb", "batch": b, "seq_len": t, **r})
+            print(_line(rows[-1]), flush=True)
+        del model
+        fresh(device)
+    for row in rows:
+        if "s" in row:
+            row["tok_s"] = row["batch"] * row["seq_len"] / row["s"]
+            row["tflops"] = 3 * flops_per_token(config, row["seq_len"]) * row["tok_s"] / 1e12
+    return rows
+
+
+def _line(row: dict) -> str:
+    what = f"{row['side']:12s} {row['config']:18s} {row['batch']} x {row['seq_len']:<6d}"
+    if "oom" in row:
+        return f"  {what} OOM"
+    peak = f"{row['peak_gb']:6.2f} GB" if row["peak_gb"] is not None else "   - GB"
+    return f"  {what} {row['s'] * 1e3:9.1f} ms/step {row['batch'] * row['seq_len'] / row['s']:9.1f} tok/s  {peak}"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per batch shape: every configuration's tok/s and peak against transformers', then fast and lean."""
+    out = []
+    for b, t in sorted({(r["batch"], r["seq_len"]) for r in rows}):
+        group = [r for r in rows if (r["batch"], r["seq_len"]) == (b, t)]
+        hf = next((r for r in group if r["side"] == "transformers" and "s" in r), None)
+        ours = [r for r in group if r["side"] == "minqlora" and "s" in r]
+        out.append(f"batch {b} x {t}:")
+        for r in group:
+            if "s" not in r:
+                out.append(f"  {r['side']:12s} {r['config']:18s}      OOM")
+                continue
+            ratio = (f"  {r['tok_s'] / hf['tok_s']:5.2f}x tok/s" if hf else "") + (
+                f"  {r['peak_gb'] / hf['peak_gb']:5.2f}x memory" if hf and r["peak_gb"] else "")
+            peak = f"{r['peak_gb']:6.2f} GB" if r["peak_gb"] is not None else "     - GB"
+            out.append(f"  {r['side']:12s} {r['config']:18s} {r['tok_s']:9.1f} tok/s {peak} "
+                       f"{r['tflops']:6.1f} TFLOP/s{ratio}")
+        if hf and ours and hf["peak_gb"] is not None:
+            fits = [r for r in ours if r["peak_gb"] <= hf["peak_gb"]]
+            fast = max(fits, key=lambda r: r["tok_s"]) if fits else None
+            lean = min(ours, key=lambda r: r["peak_gb"])
+            for label, r in (("fast", fast), ("lean", lean)):
+                if r is None:
+                    out.append(f"  {label}: no configuration within transformers' {hf['peak_gb']:.2f} GB")
+                    continue
+                out.append(f"  {label} = {r['config']}: {r['tok_s'] / hf['tok_s']:.2f}x transformers' tok/s at "
+                           f"{r['peak_gb'] / hf['peak_gb']:.2f}x its peak ({r['tok_s']:.0f} tok/s, "
+                           f"{r['peak_gb']:.2f} GB)")
+    return out
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """tok/s against peak GB, one marker per side, one colour per batch shape (the frontier of issue 8)."""
+    if Figure is None:
+        raise SystemExit("--plot needs matplotlib (pip install matplotlib); the --json results can be plotted "
+                         "elsewhere with --plot FILE --from JSON")
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    shapes = sorted({(r["batch"], r["seq_len"]) for r in rows})
+    for i, (b, t) in enumerate(shapes):
+        colour = f"C{i}"
+        for r in rows:
+            if (r["batch"], r["seq_len"]) != (b, t) or "s" not in r or r["peak_gb"] is None:
+                continue
+            hf = r["side"] == "transformers"
+            ax.scatter(r["peak_gb"], r["tok_s"], color=colour, marker="s" if hf else "o", s=50 if hf else 30)
+            ax.annotate("transformers+peft+bnb" if hf else r["config"], (r["peak_gb"], r["tok_s"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.scatter([], [], color=colour, label=f"batch {b} x {t}")
+    ax.set_xlabel("peak GPU memory (GB, torch allocator)")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    print(f"frontier plot written to {path}")
+
+
+def parse_batch(text: str) -> tuple[int, int]:
+    try:
+        b, t = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch takes BATCHxSEQ_LEN such as 4x2048, got {text!r}") from None
+    if b < 1 or t < 2:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: need batch >= 1 and seq_len >= 2")
+    return b, t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES), help="model shape (shapes.SHAPES)")
+    ap.add_argument("--layers", type=int, default=0, help="override the shape's layer count (0: keep)")
+    ap.add_argument("--batch", type=parse_batch, nargs="+", default=None, help="BATCHxSEQ_LEN, several allowed")
+    ap.add_argument("--only", choices=("minqlora", "transformers"), help="run one side only")
+    ap.add_argument("--configs", nargs="+", choices=[c.name for c in CONFIGS], help="minqlora configurations")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first allocates, pages)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--quick", action="store_true", help=f"1 warmup, 2 timed steps, configurations {QUICK}")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU")
+    ap.add_argument("--tiny", action="store_true", help="the tiny shape at batch 2x64 (checks the benchmark)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write the tok/s-against-peak-GB plot here (PNG; needs matplotlib)")
+    ap.add_argument("--from", dest="from_json", help="with --plot: redraw from a --json file, run nothing")
+    args = ap.parse_args()
+
+    if args.from_json:
+        saved = json.load(open(args.from_json))
+        print("\n".join(summary(saved["rows"])))
+        if args.plot:
+            plot(saved["rows"], args.plot, saved["title"])
+        return
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    shape = "tiny" if args.tiny else args.shape
+    config = shape_config(shape, **({"num_hidden_layers": args.layers} if args.layers else {}))
+    batches = args.batch or ([(2, 64)] if args.tiny else [(2, 1024), (4, 2048)])
+    warmup, steps = (1, 2) if args.quick else (args.warmup, args.steps)
+    names = args.configs or (QUICK if args.quick else [c.name for c in CONFIGS])
+    configs = [c for c in CONFIGS if c.name in names]
+    sides = [args.only] if args.only else ["minqlora", "transformers"]
+
+    env = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}"
+           + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    print(f"QLoRA step, {shape} shape ({config.num_hidden_layers} layers), r={R} alpha={ALPHA} dropout={DROPOUT}, "
+          f"{env}; median of {steps} after {warmup} warmup")
+    rows = run_shape(shape, config, batches, device, configs, sides, warmup, steps)
+    print()
+    print("\n".join(summary(rows)))
+    title = f"QLoRA step, {shape} shape, {env}"
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"title": title, "shape": shape, "layers": config.num_hidden_layers, "rows": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot, title)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Activation checkpointing of decoder layers: the modes, and the checkpointed inputs offloaded to host memory.
+
+A decoder layer's forward keeps about 20 activations of (B, T, H) size (more with the LoRA branches) for its
+backward. The modes trade that memory for recomputation:
+  "none"       keep everything: no recomputation, the most memory.
+  "full"       keep only the layer input x (B, T, H); backward runs the layer's forward again first
+               (torch.utils.checkpoint, non-reentrant). QLoRA trains this way.
+  "selective"  as full, but the attention kernel's outputs (out (B, T, H) and its log-sum-exp (B, heads, T)) are
+               kept too, so the recomputation skips attention, the one O(T²) part: about twice full's memory per
+               layer for the FLOPs of 2·T·H per token per layer (at T = 2048 on the 8B shape about 4 % of the
+               layer's matmuls; at T = 32768, 60 %). Built on torch's selective checkpointing
+               (create_selective_checkpoint_contexts); every other op is recomputed as in full.
+With offload, the kept inputs go to pinned host memory instead (Unsloth's trick): copied out on a side stream as
+forward passes, copied back in backward one block ahead of use, so the copies overlap with compute. Each residual
+half of a layer (attention, MLP) is then checkpointed on its own, and the MLP half, which is position-wise, runs in
+pieces of MLP_TILE tokens: the recomputation holds one half's activations (one piece's, for the MLP) at a time,
+whatever the depth. That is the long-context mode; the price is host memory (2 · B · T · H · 2 bytes per layer)
+and PCIe traffic (16 MB per 1k tokens per layer on the 8B shape each way, hidden behind compute when prefetched).
+On a CPU the "host copy" is the tensor itself (no copy), so the same code path runs and is tested there.
+
+The offloading path is its own autograd Function in the reentrant style (it re-runs the layer under enable_grad in
+backward and calls torch.autograd.backward on it), because torch's non-reentrant checkpoint keeps its inputs in a
+closure where no hook can move them. Like torch's reentrant checkpoint it works with loss.backward() but not with
+torch.autograd.grad(..., inputs=params), and it restores the RNG state so dropout masks are drawn again identically.
+
+Leaves out: offloading other saved tensors (the selective mode's attention outputs stay on the GPU), CPU-offloaded
+optimizer state (optim.py pages it), per-layer mode choices.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+MODES = ("full", "selective", "none")
+# Tokens per piece of the offloaded MLP half (forward and recomputation): 16,384 × 14,336 × 2 B = 470 MB per
+# (T, intermediate) bf16 tensor on the Llama-3-8B shape, still large enough a GEMM to run at full speed.
+MLP_TILE = 16384
+_aten = torch.ops.aten
+# The fused attention kernels SDPA dispatches to (flash / memory-efficient / cuDNN on CUDA, flash on CPU). The math
+# fallback (masks on some backends) is plain matmuls and softmax, recomputed like everything else.
+ATTENTION_OPS = frozenset(getattr(_aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable") if hasattr(_aten, name))
+
+
+def checkpoint_mode(value) -> str:
+    """"full", "selective" or "none" from a mode name or a bool (True = "full", as `gradient_checkpointing` was)."""
+    if value is True:
+        return "full"
+    if value is False or value is None:
+        return "none"
+    if value not in MODES:
+        raise ValueError(f"gradient checkpointing mode must be one of {MODES} (or a bool), got {value!r}")
+    return value
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+selective_contexts = partial(create_selective_checkpoint_contexts, _keep_attention)
+
+
+class HostOffloader:
+    """Pinned host copies of the checkpointed layer inputs of one forward pass, for the layers' backward.
+
+    save(x) starts a device-to-host copy of x on a side stream and returns its slot; load(i) returns slot i on the
+    device (waiting for its copy) and starts bringing slot i - 1 back, since backward visits the layers in reverse.
+    On a CPU device the slot holds x itself.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.host: list[torch.Tensor | None] = []  # per slot: the pinned host copy (or, on a CPU, x itself)
+        self.back: dict[int, torch.Tensor] = {}  # slots already copied back (or being copied) to the device
+
+    def save(self, x: torch.Tensor) -> int:
+        x = x.detach()
+        if not self.cuda:
+            self.host.append(x)
+            return len(self.host) - 1
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # x is written by the compute stream
+        with torch.cuda.stream(self.stream):
+            host.copy_(x, non_blocking=True)
+        x.record_stream(self.stream)  # the allocator must not hand x's memory out before the copy has read it
+        self.host.append(host)
+        return len(self.host) - 1
+
+    def _bring_back(self, i: int) -> None:
+        if i < 0 or i in self.back or self.host[i] is None:
+            return
+        with torch.cuda.stream(self.stream):  # after slot i's own device-to-host copy, on the same stream
+            self.back[i] = self.host[i].to(self.device, non_blocking=True)
+
+    def load(self, i: int) -> torch.Tensor:
+        if not self.cuda:
+            x, self.host[i] = self.host[i], None
+            return x
+        self._bring_back(i)
+        x = self.back.pop(i)
+        self.host[i] = None  # the pinned block returns to torch's host cache once its copies are done
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.stream)
+        x.record_stream(compute)
+        self._bring_back(i - 1)  # overlaps with this layer's recomputation and backward
+        return x
+
+
+def _device_rng(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _tiles(n: int, tile: int):
+    return [slice(i, min(i + tile, n)) for i in range(0, n, tile)] if tile else [slice(0, n)]
+
+
+def _run(fn, x, args, tile: int):
+    """fn(x, *args), or for a position-wise fn and tile > 0, fn over `tile`-token pieces of x (B, T, H) stitched
+    back together: the same values, with the intermediates of one piece alive at a time."""
+    if not tile or x.shape[0] * x.shape[1] <= tile:
+        return fn(x, *args)
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.cat([fn(flat[rows], *args) for rows in _tiles(flat.shape[0], tile)]).view_as(x)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """y = fn(x, *args), keeping only x (in host memory) and recomputing fn in backward.
+
+    fn is one residual half of a decoder layer. tile > 0 declares fn position-wise (the MLP half): forward and
+    the recomputation then run it over pieces of `tile` tokens, in the same order, so dropout draws the same masks
+    and backward holds one piece's activations at a time. `anchor` is a zero-size tensor that requires grad:
+    autograd records this Function only when an input requires grad, and the first layer's input (the frozen
+    embedding's output) does not; the LoRA weights that do are inside fn, out of autograd's sight here.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, mode: str, tile: int, offloader: HostOffloader, anchor, x, *args):
+        ctx.fn, ctx.tile, ctx.offloader, ctx.slot = fn, tile, offloader, offloader.save(x)
+        ctx.save_for_backward(*args)
+        kind = x.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        ctx.rng = (torch.get_rng_state(), _device_rng(x.device))
+        if mode == "selective":
+            # Grad mode on, as in the recomputation, so SDPA picks the same kernel and the cached outputs fit its
+            # backward; nothing is saved for autograd here (the graph is dropped on return).
+            caching, ctx.cached = selective_contexts()
+            with torch.enable_grad(), caching, torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
+                y = _run(fn, x.detach(), args, tile)
+        else:
+            ctx.cached = None
+            y = _run(fn, x, args, tile)  # grad mode is off inside forward: nothing is recorded
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        args = ctx.saved_tensors
+        x = ctx.offloader.load(ctx.slot).detach()
+        need_x = ctx.needs_input_grad[5]  # the first layer's input needs no gradient
+        kind, autocast_on, autocast_dtype = ctx.autocast
+        flat, grad_flat = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, x.shape[-1])
+        pieces = _tiles(flat.shape[0], ctx.tile) if ctx.tile and flat.shape[0] > ctx.tile else None
+        grad_x = torch.empty_like(x) if need_x and pieces else None
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.rng[1] is not None:
+                torch.cuda.set_rng_state(ctx.rng[1], x.device)
+            for rows in pieces or [None]:
+                piece = (flat[rows] if rows is not None else x).detach().requires_grad_(need_x)
+                with torch.enable_grad(), torch.autocast(kind, dtype=autocast_dtype, enabled=autocast_on), \
+                        ctx.cached or nullcontext():
+                    y = ctx.fn(piece, *args)
+                if y.requires_grad:  # LoRA gradients accumulate into .grad here, piece by piece
+                    torch.autograd.backward(y, grad_flat[rows] if rows is not None else grad_y)
+                if need_x and rows is not None:
+                    grad_x.view(-1, x.shape[-1])[rows] = piece.grad
+                elif need_x:
+                    grad_x = piece.grad
+        return (None,) * 5 + (grad_x,) + (None,) * len(args)
+
+
+def _drop(t):
+    return None
+
+
+def _dropped(_):
+    raise RuntimeError("checkpointing: a tensor dropped in the offloaded forward was needed (backward recomputes)")
+
+
+def checkpoint_layer(layer, x: torch.Tensor, cos, sin, mask, *, mode: str = "full",
+                     offloader: HostOffloader | None = None) -> torch.Tensor:
+    """A decoder layer (model.DecoderLayer) under checkpointing `mode` ("full" or "selective").
+
+    Without an offloader: torch's checkpoint of the whole layer. With one (one per forward pass): each residual
+    half checkpointed on its own, its input kept in host memory, the MLP half in MLP_TILE-token pieces, so the
+    recomputation holds at most one half's activations (of one piece, for the MLP) at a time.
+    """
+    if offloader is None:
+        context_fn = selective_contexts if mode == "selective" else _no_contexts
+        return checkpoint(layer, x, cos, sin, mask, use_reentrant=False, context_fn=context_fn)
+    anchor = torch.empty(0, requires_grad=True)
+    x = _OffloadedCheckpoint.apply(layer.attention_block, mode, 0, offloader, anchor, x, cos, sin, mask)
+    return _OffloadedCheckpoint.apply(layer.mlp_block, "full", MLP_TILE, offloader, anchor, x)
+
+
+def _no_contexts():
+    return nullcontext(), nullcontext()
