@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .lora_fused import LORA_PATHS
 from .sft import TrainConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -126,6 +127,8 @@ def _finetune_flags(p) -> None:
     lora.add_argument("--dropout", dest="lora_dropout", type=float, default=d.lora_dropout, help="adapter dropout")
     lora.add_argument("--targets", dest="lora_targets", default=",".join(d.lora_targets),
                       help="comma-separated module names to adapt")
+    lora.add_argument("--lora-path", dest="lora_path", default=d.lora_path, choices=LORA_PATHS,
+                      help="fused: fast, peft's math; shared-dropout: one mask per input; reference: lora.py's")
     data = _FlagGroup(p, "data")
     data.add_argument("--seq-len", dest="seq_len", type=positive_int, default=d.seq_len, help="tokens per example")
     data.add_argument("--prompt-format", dest="prompt_format", default=d.prompt_format,
