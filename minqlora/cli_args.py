@@ -16,6 +16,7 @@ from pathlib import Path
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 STORAGE_NAMES = ("uint8", "bfloat16", "float16", "float32")  # quant.STORAGE_DTYPES by name
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # quant.BLOCKSIZES
+LORA_PATHS = ("fused", "shared-dropout", "reference")  # lora_fused.LORA_PATHS (tests/test_cli.py checks they agree)
 COMMANDS = ("quantize", "finetune", "generate", "merge", "export-gguf", "eval", "report")
 
 
@@ -166,6 +167,8 @@ def _finetune_flags(p, d) -> None:
     lora.add_argument("--dropout", dest="lora_dropout", type=fraction, default=d.lora_dropout, help="adapter dropout")
     lora.add_argument("--targets", dest="lora_targets", default=",".join(d.lora_targets),
                       help="comma-separated module names to adapt")
+    lora.add_argument("--lora-path", dest="lora_path", default=d.lora_path, choices=LORA_PATHS,
+                      help="fused: fast, peft's math; shared-dropout: one mask per input; reference: lora.py's")
     data = _FlagGroup(p, "data")
     data.add_argument("--seq-len", dest="seq_len", type=_bounded(int, 2), default=d.seq_len,
                       help="tokens per example")

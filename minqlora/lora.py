@@ -90,6 +90,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.requantized = False  # merged back into 4 bits: the original weight is gone
         self._unmerged_base = None  # the Linear4bit a 16-bit merge replaced; not a submodule (not in state_dict)
+        self.group = None  # a lora_fused.LoRAGroup: the fast branch (set_lora_path); None runs forward below
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,6 +101,8 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # (..., out) in the base's output dtype
         if self.merged:
             return y
+        if self.group is not None:
+            return self.group.forward(self, x, y)
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
         return (y + self.lora_B(h) * self.scaling).to(y.dtype)  # (..., out)
 

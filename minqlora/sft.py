@@ -40,6 +40,7 @@ from .data import IGNORE_INDEX, BatchLoader, Batch, iter_batches, load_sft_data,
 from .checkpointing import checkpoint_mode
 from .loss import linear_cross_entropy
 from .lora import DEFAULT_TARGETS, add_lora, lora_modules, save_adapter, trainable_summary
+from .lora_fused import LORA_PATHS, set_lora_path
 from .optim import PagedAdamW
 from .sft_state import (ADAPTER_DIR, METRICS_NAME, PLOT_NAME, Interrupt, load_checkpoint, memory_gb, model_identity,
                         plot_losses, prepare_output_dir, rng_states, save_checkpoint, set_rng_states)
@@ -61,6 +62,7 @@ class TrainConfig:
     lora_alpha: float = 32  # scale alpha / r = 2
     lora_dropout: float = 0.05  # QLoRA Appendix B: 0.05 helped 7B and 13B models
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # all seven projections of every decoder layer
+    lora_path: str = "fused"  # "fused" (lora_fused.py, peft's math), "shared-dropout" (one mask per input), "reference"
     # -- data
     seq_len: int = 1024  # tokens per example (and per packed row) at most
     prompt_format: str = "auto"  # prompt/completion + Alpaca records: "chat", "plain" or "auto" (data.py)
@@ -105,7 +107,7 @@ class TrainConfig:
     def __post_init__(self):
         self.lora_targets, self.betas = tuple(self.lora_targets), tuple(self.betas)
         for name, allowed in (("lr_schedule", ("cosine", "constant")), ("precision", ("auto", "bf16", "fp32")),
-                              ("optim_bits", (32, 8))):
+                              ("optim_bits", (32, 8)), ("lora_path", LORA_PATHS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "log_every", "max_bad_steps", "keep_checkpoints"):
@@ -211,6 +213,7 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
     if not lora_modules(model):
         add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                  targets=config.lora_targets)
+    set_lora_path(model, config.lora_path)
     model.gradient_checkpointing = config.gradient_checkpointing
     model.model.offload_checkpoints = config.offload_checkpoints
     model.model.keep_last_layers = config.keep_last_layers

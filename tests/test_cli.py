@@ -16,6 +16,7 @@ import torch
 from cli_helpers import files, run  # noqa: F401  (files: a fixture)
 from minqlora.checkpoint import load_pretrained
 from minqlora.cli import main
+from minqlora import cli_args, lora_fused, quant
 from minqlora.cli_args import build_parser
 from minqlora.linear4bit import Linear4bit
 from minqlora.sft import TrainConfig
@@ -99,6 +100,13 @@ def test_user_errors_exit_2_naming_the_thing(capsys, files, tmp_path):
     assert code == 2 and "--overwrite" in err and str(tmp_path / "taken") in err
     with pytest.raises(ValueError, match="malformed JSON"):  # --traceback: the exception propagates
         main(["--traceback", "eval", "--model", files["model"], "--data", str(bad)])
+
+
+def test_torch_free_flag_tables_match_the_package():
+    """cli_args.py names its choices without importing torch (fast --help); they must be the package's."""
+    assert cli_args.LORA_PATHS == lora_fused.LORA_PATHS
+    assert cli_args.BLOCKSIZES == tuple(quant.BLOCKSIZES)
+    assert set(cli_args.STORAGE_NAMES) == {str(d).removeprefix("torch.") for d in quant.STORAGE_DTYPES}
 
 
 def test_finetune_flags_map_onto_train_config():

@@ -1,0 +1,157 @@
+"""The fast LoRA branch: dropout(x)·Aᵀ once per distinct input, in the compute dtype, with cheap dropout masks.
+
+LoRALinear.forward (lora.py) is the readable reference: per module it casts x to the adapter dtype (float32), drops it
+out with nn.Dropout and multiplies by A, then B. This file computes the same function, y = base(x) + s·dropout(x)·AᵀBᵀ,
+with fewer and cheaper ops; set_lora_path(model, "fused") dispatches a model's LoRALinear layers here and
+set_lora_path(model, "reference") sends them back. What changes, and why:
+
+- Sibling layers that read the same tensor (SHARED_INPUTS: q/k/v of an attention block, gate/up of an MLP) form one
+  LoRAGroup. The first of them to run computes h = dropout(x)·Aᵀ for all of them, the A matrices concatenated into
+  one (Σr, in) matrix: one (N, in) x (in, Σr) matmul instead of three (or two); the others take their column slice.
+  A layer with no sibling is a group of one.
+- The branch runs in the compute dtype, autocast's if it is on and x's otherwise (bf16 on tensor cores / AMX in
+  QLoRA), with the float32 A and B (the master weights; their gradients and the optimizer state stay float32) cast
+  to it once per call. x itself is never cast to float32.
+- The output is one addmm per layer, y + (s / (1 - p))·h·Bᵀ: the dropout's 1/(1 - p) rides in addmm's alpha
+  instead of a pass over x.
+- A dropout mask is a comparison of 32 random bits per element against a threshold (keep_mask), drawn as int64
+  words, instead of bernoulli_: on the 2-core CPU bernoulli_ took most of the LoRA time (benchmarks/README.md).
+
+Dropout modes. "fused" keeps peft's math: each layer draws its own mask, so with dropout on the group's
+down-projections are separate matmuls over separately dropped inputs (one mask draw for the group); with dropout 0 or
+in eval mode they are one. "shared-dropout" is an option that departs from peft: one mask per distinct input, shared
+by its q/k/v (or gate/up) adapters, so the down-projection is always one matmul and there are 4 masks per decoder
+layer instead of 7. Each adapter still sees Bernoulli(1 - p) dropout of its input; what changes is that siblings drop
+the same positions within a step. In both modes P(drop) is p rounded to a multiple of 2⁻³² (bernoulli_ on float32
+rounds at 2⁻²⁴).
+
+Leaves out: fusing the B matrices (their outputs go to different tensors), hand-written backward passes (autograd
+of the ops above saves the bool mask, the dropped input and h: what peft's path saves, less the float32 copies).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear, lora_modules
+
+LORA_PATHS = ("fused", "shared-dropout", "reference")
+# Projections of one block that always read the same input tensor (model.py: Attention and MLP call them on x).
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def keep_mask(shape: Sequence[int], p: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Boolean tensor of `shape`, each element True (keep) with probability 1 - p, independently.
+
+    p is a float or a tensor broadcasting against `shape` (one probability per leading slice). Each element compares
+    32 random bits, one half of an int64 from the default generator of `device`, with round(p·2³²): on the CPU that
+    is one Mersenne-Twister word per element and no float conversion, where bernoulli_ costs several times more.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)  # all 64 bits random
+    lanes = words.view(torch.int32)[:n].view(shape)  # uniform on [-2³¹, 2³¹)
+    if isinstance(p, torch.Tensor):
+        threshold = (p.double() * 2**32).round().sub(2**31).to(device=device, dtype=torch.int64)
+    else:
+        threshold = round(p * 2**32) - 2**31
+    return lanes >= threshold  # P(keep) = (2³¹ - threshold) / 2³² = 1 - round(p·2³²)/2³²
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the branch computes in: autocast's when autocast is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class LoRAGroup:
+    """LoRALinear layers that read one input tensor; their down-projections dropout(x)·Aᵀ are computed together.
+
+    The first member called with a new x computes h for every unmerged member and keeps it; each member then takes
+    its own h once. The kept tensors are dropped when the last member has taken its h, so nothing outlives the block's
+    forward. A member called twice with the same x (or x changed in place in between) starts a new computation.
+    Not an nn.Module: the members own the parameters, and the group is not in any state_dict.
+    """
+
+    def __init__(self, members: Sequence[LoRALinear], shared_dropout: bool = False):
+        members = list(members)
+        first = members[0]
+        for m in members[1:]:
+            same = (m.in_features, m.lora_A.weight.dtype, m.lora_A.weight.device) == (
+                first.in_features, first.lora_A.weight.dtype, first.lora_A.weight.device)
+            if not same:
+                raise ValueError(f"LoRAGroup members must share in_features, adapter dtype and device: {first!r} vs "
+                                 f"{m!r}")
+            if shared_dropout and m.dropout != first.dropout:
+                raise ValueError(f"shared dropout needs one dropout probability per group, got {first.dropout} and "
+                                 f"{m.dropout}")
+        self.members, self.shared_dropout = members, shared_dropout
+        self._x, self._version, self._grad = None, -1, False
+        self._h: dict[int, tuple[torch.Tensor, float]] = {}  # id(member) -> (h (N, r), dropout scale), not yet taken
+
+    def __getstate__(self) -> dict:
+        # Copies (copy.deepcopy of a model) carry the members, never a half-taken h: its tensors belong to a graph.
+        return {**self.__dict__, "_x": None, "_h": {}}
+
+    def forward(self, member: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """member's output y + s·dropout(x)·Aᵀ·Bᵀ, (..., out) in y's dtype; y = member.base_layer(x)."""
+        fresh = self._x is x and self._version == x._version and self._grad == torch.is_grad_enabled()
+        if not (fresh and id(member) in self._h):
+            self._down(x, member.training)
+        h, keep_scale = self._h.pop(id(member))  # (N, r)
+        if not self._h:
+            self._x = None  # every member has its h: let x and h go
+        b = member.lora_B.weight.to(h.dtype)  # (out, r)
+        y2 = y.reshape(-1, member.out_features).to(h.dtype)  # (N, out)
+        out = torch.addmm(y2, h, b.t(), alpha=member.scaling * keep_scale)  # y + s/(1-p) · h Bᵀ
+        return out.view(y.shape).to(y.dtype)
+
+    def _down(self, x: torch.Tensor, training: bool) -> None:
+        """h = dropout(x)·Aᵀ for every unmerged member, kept in self._h."""
+        live = [m for m in self.members if not m.merged]
+        dtype = compute_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in), N = all leading dims
+        a = torch.cat([m.lora_A.weight for m in live]) if len(live) > 1 else live[0].lora_A.weight
+        a = a.to(dtype)  # (Σr, in), one cast for the group
+        ps = [m.dropout if training else 0.0 for m in live]
+        if self.shared_dropout or not any(ps):
+            p = ps[0]
+            xd = x2 * keep_mask(x2.shape, p, x.device) if p else x2  # one mask for the group (or none)
+            hs = (xd @ a.t()).split([m.r for m in live], dim=1)  # (N, Σr) -> (N, r) per member
+        else:
+            p = ps[0] if len(set(ps)) == 1 else torch.tensor(ps).view(-1, 1, 1)  # one probability per member
+            keep = keep_mask((len(live),) + tuple(x2.shape), p, x.device)  # one draw for the group
+            hs = [(x2 * k) @ am.t() for k, am in zip(keep, a.split([m.r for m in live]))]  # (N, r) per member
+        self._h = {id(m): (h, 1.0 / (1.0 - p)) for m, h, p in zip(live, hs, ps)}
+        self._x, self._version, self._grad = x, x._version, torch.is_grad_enabled()
+
+
+def set_lora_path(model: nn.Module, path: str = "fused") -> nn.Module:
+    """Route every LoRALinear of `model` through `path` (LORA_PATHS); returns model.
+
+    "fused" and "shared-dropout" group the layers of SHARED_INPUTS that sit side by side under one parent (module
+    docstring); "reference" puts LoRALinear.forward back.
+    """
+    if path not in LORA_PATHS:
+        raise ValueError(f"LoRA path must be one of {LORA_PATHS}, got {path!r}")
+    mods = lora_modules(model) if not isinstance(model, LoRALinear) else {"": model}
+    if not mods:
+        raise ValueError(f"set_lora_path(): {type(model).__name__} has no LoRA adapters (call add_lora first)")
+    for m in mods.values():
+        m.group = None
+    if path == "reference":
+        return model
+    groups: dict[tuple[str, int], list[LoRALinear]] = {}  # (parent name, SHARED_INPUTS index) -> members
+    for name, m in mods.items():
+        parent, _, leaf = name.rpartition(".")
+        kind = next((i for i, names in enumerate(SHARED_INPUTS) if leaf in names), None)
+        groups.setdefault((parent, kind) if kind is not None else (name, -1), []).append(m)
+    for members in groups.values():
+        group = LoRAGroup(members, shared_dropout=path == "shared-dropout")
+        for m in members:
+            m.group = group
+    return model

@@ -1,0 +1,343 @@
+"""lora_fused.py against the reference LoRALinear.forward: the same outputs and gradients on tiny Llamas (fp32 within
+rounding, bf16 autocast within bf16 rounding, with and without gradient checkpointing), one down-projection matmul
+per distinct input, the dropout masks of both modes reconstructed by hand, keep_mask's statistics, grouping rules,
+copies, merged members, and 20 training steps of sft.train whose losses match the reference path.
+
+Covers CPU. Leaves out CUDA (tests/cuda/test_lora_cuda.py) and speed (benchmarks/bench_train.py).
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minqlora.linear4bit import Linear4bit
+from minqlora.lora import LoRALinear, add_lora, lora_modules, merge_lora
+from minqlora.lora_fused import LoRAGroup, keep_mask, set_lora_path
+from minqlora.model import Llama, LlamaConfig
+from minqlora.sft import TrainConfig, train
+from minqlora.tokenizer import Tokenizer
+from test_sft_helpers import one_thread  # noqa: F401  (autouse fixture)
+from test_sft_helpers import counting_records, sentencepiece_dir, tiny_model, write_jsonl
+
+IDS = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(5))
+
+
+def tiny_llama(dtype=torch.float32, quantize=False, seed=0) -> Llama:
+    """2 layers with nonzero, O(1)-scaled adapters (B starts at zero, which would hide every mistake in B's path)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+    model = Llama(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 1 / p.shape[-1] ** 0.5 if p.dim() > 1 else 1)
+    model = model.to(dtype)
+    if quantize:
+        for name, m in list(model.named_modules()):
+            if name.endswith("_proj"):
+                model.set_submodule(name, Linear4bit.from_linear(m, compute_dtype=dtype))
+    add_lora(model, r=4, alpha=8, dropout=0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_A.weight.copy_(torch.randn(m.lora_A.weight.shape, generator=g) * 0.3)
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.3)
+    return model
+
+
+def loss_and_grads(model, ids=IDS, autocast=False, seed=0):
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(ids)
+    loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# -- the fused branch computes what the reference computes ---------------------------------------------------------
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_fused_matches_reference_fp32(checkpointing, quantize):
+    """Dropout 0 (eval-mode masks are off too): the loss and every LoRA gradient agree within fp32 rounding."""
+    ref = tiny_llama(quantize=quantize)
+    for m in lora_modules(ref).values():
+        m.lora_dropout, m.dropout = nn.Identity(), 0.0
+    fused = set_lora_path(copy.deepcopy(ref), "fused")
+    for model in (ref, fused):
+        model.gradient_checkpointing = checkpointing
+        model.train()
+    loss_r, grads_r = loss_and_grads(ref)
+    loss_f, grads_f = loss_and_grads(fused)
+    assert len(grads_r) == 2 * 7 * 2 and grads_r.keys() == grads_f.keys()
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-6, atol=1e-6)
+    for name in grads_r:
+        assert relative_error(grads_f[name], grads_r[name]) < 2e-5, name  # fp32: other summation orders
+    assert all(g.abs().sum() > 0 for g in grads_f.values())  # every adapter took part
+
+
+def fp32_twin(model: Llama) -> Llama:
+    """The same bf16 model computed in fp32: the truth both bf16 paths are measured against."""
+    twin = copy.deepcopy(model).float()
+    for m in twin.modules():
+        if isinstance(m, Linear4bit):
+            m.compute_dtype = torch.float32
+    return twin
+
+
+def test_fused_matches_reference_bf16_autocast():
+    """bf16 weights under bf16 autocast, the QLoRA setting on the CPU. The reference casts x to fp32 and runs its
+    matmuls in bf16 under autocast; the fused branch stays in bf16. Against the same model in fp32, both carry bf16
+    rounding, which these tiny O(1)-activation models amplify to a few percent of a gradient: averaged over four
+    models, the fused gradients are as close to the fp32 ones as the reference's are."""
+    errors = {"reference": [], "fused": []}
+    for seed in range(4):
+        ref = tiny_llama(torch.bfloat16, quantize=True, seed=seed)
+        for m in lora_modules(ref).values():
+            m.lora_dropout, m.dropout = nn.Identity(), 0.0
+        loss_t, grads_t = loss_and_grads(fp32_twin(ref))
+        truth = torch.cat([g.flatten() for g in grads_t.values()])
+        for path in ("reference", "fused"):
+            loss, grads = loss_and_grads(set_lora_path(ref, path), autocast=True)
+            assert all(g.dtype == torch.float32 for g in grads.values())  # fp32 master weights, fp32 gradients
+            torch.testing.assert_close(loss, loss_t, rtol=1e-2, atol=1e-2)
+            errors[path].append(relative_error(torch.cat([g.flatten() for g in grads.values()]), truth))
+    mean = {path: sum(e) / len(e) for path, e in errors.items()}
+    assert mean["reference"] < 0.15 and mean["fused"] < 1.3 * mean["reference"], errors
+
+
+def test_group_matches_reference_bf16():
+    """One q/k/v group under bf16 autocast, outside any model: outputs and every gradient within bf16 rounding of
+    fp32, and no further from it than the reference path."""
+    torch.manual_seed(0)
+    layers = [LoRALinear(nn.Linear(32, w).bfloat16(), r=4, alpha=8) for w in (32, 16, 16)]
+    for m in layers:
+        nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(14, 32, dtype=torch.bfloat16)
+    gs = [torch.randn(14, m.out_features) for m in layers]
+    results = {}
+    for path in ("reference", "fused", "truth"):
+        mods = copy.deepcopy(layers)
+        if path == "truth":
+            mods = [m.float() for m in mods]
+        group = nn.ModuleDict(dict(zip(("q_proj", "k_proj", "v_proj"), mods)))
+        set_lora_path(group, "reference" if path == "truth" else path)
+        xx = (x.float() if path == "truth" else x).clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path != "truth"):
+            ys = [group[k](xx) for k in ("q_proj", "k_proj", "v_proj")]
+        sum((y.float() * g).sum() for y, g in zip(ys, gs)).backward()
+        results[path] = [*ys, xx.grad] + [p.grad for p in group.parameters() if p.requires_grad]
+    for path in ("reference", "fused"):
+        errs = [relative_error(a, b) for a, b in zip(results[path], results["truth"])]
+        assert max(errs) < 1e-2, (path, errs)
+        results[path] = errs
+    assert all(f <= 1.1 * r + 1e-4 for f, r in zip(results["fused"], results["reference"])), results
+
+
+def test_reference_path_restores_lora_forward_exactly():
+    model = tiny_llama().train()
+    want = loss_and_grads(model, seed=3)
+    set_lora_path(model, "shared-dropout")
+    set_lora_path(model, "reference")
+    assert all(m.group is None for m in lora_modules(model).values())
+    got = loss_and_grads(model, seed=3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.calls.append((func.overloadpacket.__name__, tuple(args[-2].shape), tuple(args[-1].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path, training", [("fused", False), ("shared-dropout", True)])
+def test_one_down_projection_per_distinct_input(path, training):
+    """Per decoder layer: one (N, 32) x (32, 12) matmul for q/k/v, one (N, 32) x (32, 8) for gate/up, one each for
+    o_proj and down_proj; then one addmm per adapter. (Base layers are nn.Linear: aten.mm/addmm too, filtered out by
+    their (in, out) shapes; lm_head is (32, 61).)"""
+    model = tiny_llama().train(training)
+    set_lora_path(model, path)
+    with torch.no_grad(), CountMatmuls() as counter:
+        model(IDS)
+    # Σr = 12 (q/k/v), 8 (gate/up), 4 (o, down); no base layer of this model has 4, 8 or 12 outputs.
+    down = sorted(b for op, a, b in counter.calls if op == "mm" and b[1] in (4, 8, 12))
+    assert down == sorted([(32, 12), (32, 8), (32, 4), (48, 4)] * 2)  # 2 decoder layers
+    assert sum(op == "addmm" and a[1] == 4 for op, a, b in counter.calls) == 7 * 2
+
+
+def masked_inputs(model, path, p, seed):
+    """The fused model's dropped inputs, reconstructed: the same draws in the same order as the forward makes them."""
+    torch.manual_seed(seed)
+    n, d, f = IDS.numel(), 32, 48
+    if path == "shared-dropout":  # per layer: attention input, o_proj input, MLP input, down_proj input
+        return [keep_mask((n, w), p, torch.device("cpu")) for _ in range(2) for w in (d, d, d, f)]
+    return [keep_mask((k, n, w), p, torch.device("cpu")) for _ in range(2) for k, w in ((3, d), (1, d), (2, d), (1, f))]
+
+
+@pytest.mark.parametrize("path", ["fused", "shared-dropout"])
+def test_dropout_masks_per_module_or_per_input(path):
+    """Training mode, p = 0.3: each adapter's output equals s/(1-p)·(x⊙m)·AᵀBᵀ with the mask drawn by keep_mask; in
+    "fused" q, k and v each have their own mask, in "shared-dropout" they share one."""
+    p = 0.3
+    model = tiny_llama().train()
+    for m in lora_modules(model).values():
+        m.dropout = p
+    set_lora_path(model, path)
+    seen = {}  # module name -> (input, output) of its forward
+
+    def record(name):
+        return lambda mod, args, out: seen.__setitem__(name, (args[0].detach(), out.detach()))
+
+    handles = [m.register_forward_hook(record(n)) for n, m in lora_modules(model).items()]
+    torch.manual_seed(11)
+    with torch.no_grad():
+        model(IDS)
+    for h in handles:
+        h.remove()
+    masks = masked_inputs(model, path, p, seed=11)
+    if path == "fused":
+        assert not torch.equal(masks[0][0], masks[0][1])  # q and k of layer 0 drew different masks
+    for layer in range(2):
+        groups = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+        for names in groups:
+            keep = masks.pop(0)
+            for i, leaf in enumerate(names):
+                block = "self_attn" if leaf in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                name = f"model.layers.{layer}.{block}.{leaf}"
+                m = lora_modules(model)[name]
+                x, y = seen[name]
+                x2 = x.reshape(-1, x.shape[-1])
+                k = keep if path == "shared-dropout" else keep[i]
+                want = m.base_layer(x2) + m.scaling / (1 - p) * (x2 * k) @ m.lora_A.weight.t() @ m.lora_B.weight.t()
+                torch.testing.assert_close(y.reshape(want.shape), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# -- keep_mask -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keep_mask_statistics(p):
+    """Keep rate 1 - p within 6 standard deviations, on even and odd elements alike (each int64 word gives two
+    elements; a half with a constant sign bit would keep everything or nothing), and no correlation between
+    neighbours."""
+    torch.manual_seed(0)
+    n = 1 << 20
+    m = keep_mask((n,), p, torch.device("cpu"))
+    assert m.dtype == torch.bool and m.shape == (n,)
+    sd = (p * (1 - p) / (n / 2)) ** 0.5
+    for half in (m[0::2], m[1::2]):
+        assert abs(half.float().mean().item() - (1 - p)) < 6 * sd
+    a, b = m[:-1].float(), m[1:].float()
+    corr = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
+    assert abs(corr.item()) < 6 / n**0.5
+
+
+def test_keep_mask_edges_and_per_slice_probabilities():
+    cpu = torch.device("cpu")
+    assert keep_mask((3, 5), 0.0, cpu).all()
+    assert keep_mask((7,), 1e-12, cpu).all()  # rounds to 0 at 2^-32
+    torch.manual_seed(1)
+    m = keep_mask((2, 1 << 18), torch.tensor([0.0, 0.9]).view(2, 1), cpu)
+    assert m[0].all() and abs(m[1].float().mean().item() - 0.1) < 0.005
+    torch.manual_seed(2)
+    a = keep_mask((5, 9), 0.5, cpu)
+    torch.manual_seed(2)
+    assert torch.equal(a, keep_mask((5, 9), 0.5, cpu))  # the default generator's state decides the mask
+
+
+# -- grouping, copies, merges ----------------------------------------------------------------------------------------
+
+def test_groups_follow_shared_inputs():
+    model = set_lora_path(tiny_llama(), "fused")
+    mods = lora_modules(model)
+    attn, mlp = "model.layers.1.self_attn.", "model.layers.1.mlp."
+    assert mods[attn + "q_proj"].group is mods[attn + "k_proj"].group is mods[attn + "v_proj"].group
+    assert mods[attn + "o_proj"].group.members == [mods[attn + "o_proj"]]
+    assert mods[mlp + "gate_proj"].group is mods[mlp + "up_proj"].group
+    assert mods[mlp + "down_proj"].group is not mods[mlp + "up_proj"].group
+    assert mods[attn + "q_proj"].group is not mods["model.layers.0.self_attn.q_proj"].group
+    assert "group" not in json.dumps(list(model.state_dict()))  # not a module: no state-dict keys
+
+
+def test_bad_arguments():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="LoRA path must be one of"):
+        set_lora_path(model, "fast")
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        set_lora_path(nn.Sequential(nn.Linear(2, 2)), "fused")
+    a = LoRALinear(nn.Linear(8, 4), r=2, alpha=4, dropout=0.1)
+    with pytest.raises(ValueError, match="share in_features"):
+        LoRAGroup([a, LoRALinear(nn.Linear(6, 4), r=2, alpha=4)])
+    with pytest.raises(ValueError, match="one dropout probability per group"):
+        LoRAGroup([a, LoRALinear(nn.Linear(8, 4), r=2, alpha=4, dropout=0.2)], shared_dropout=True)
+
+
+def test_same_input_twice_and_partial_calls():
+    """A member called twice on one x, a member of a group never called, then a copy of the model: all correct."""
+    model = tiny_llama().eval()
+    ref = set_lora_path(copy.deepcopy(model), "reference")
+    set_lora_path(model, "fused")
+    attn, attn_ref = model.model.layers[0].self_attn, ref.model.layers[0].self_attn
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    for name in ("q_proj", "q_proj", "k_proj"):  # v_proj never takes its h
+        torch.testing.assert_close(getattr(attn, name)(x), getattr(attn_ref, name)(x), rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(model)  # the half-taken h stays behind (it belongs to x's graph)
+    assert twin.model.layers[0].self_attn.q_proj.group.members[0] is twin.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(twin(IDS), ref(IDS), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        x.mul_(2)  # in place: the kept h is stale
+    torch.testing.assert_close(attn.v_proj(x), attn_ref.v_proj(x), rtol=1e-5, atol=1e-5)
+
+
+def test_merged_member_is_left_out():
+    model = tiny_llama().eval()
+    ref = set_lora_path(copy.deepcopy(model), "reference")
+    set_lora_path(model, "fused")
+    for m in (model, ref):
+        m.model.layers[0].self_attn.k_proj.merge()
+    torch.testing.assert_close(model(IDS), ref(IDS), rtol=1e-5, atol=1e-5)
+    merged = merge_lora(model)
+    assert not lora_modules(merged)
+    torch.testing.assert_close(merged(IDS), merge_lora(ref)(IDS), rtol=1e-5, atol=1e-5)
+
+
+# -- training: the first 20 steps -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return sentencepiece_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_twenty_training_steps_match_reference(tmp_path, tok_dir, checkpointing):
+    """sft.train, fp32 on the CPU, same seed, dropout 0: the fused path's losses and gradient norms equal the
+    reference path's within fp32 tolerance, step by step."""
+    tok = Tokenizer.from_pretrained(tok_dir)
+    data = write_jsonl(tmp_path / "train.jsonl", counting_records(80))
+    curves = {}
+    for path in ("reference", "fused"):
+        model = tiny_model(tok.vocab_size, seed=4)  # the same weights for both; train() adds LoRA
+        cfg = TrainConfig(data=str(data), output_dir=str(tmp_path / path), seq_len=48, batch_size=4, grad_accum=1,
+                          max_steps=20, lr=3e-3, lora_r=4, lora_dropout=0.0, eval_fraction=0.0, checkpoint_every=0,
+                          gradient_checkpointing=checkpointing, precision="fp32", progress=False, lora_path=path)
+        train(model, tok, cfg)
+        rows = [json.loads(line) for line in (tmp_path / path / "metrics.jsonl").read_text().splitlines()]
+        curves[path] = [(r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+    assert len(curves["fused"]) == 20
+    torch.testing.assert_close(torch.tensor(curves["fused"]), torch.tensor(curves["reference"]), rtol=1e-5,
+                               atol=1e-6)
+    assert curves["fused"][-1][0] < curves["fused"][0][0]  # it trains
