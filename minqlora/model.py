@@ -1,4 +1,4 @@
-"""Plain Llama: config, RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, a KV cache.
+"""Plain Llama: config, RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, a KV cache (and static_cache.py's).
 
 Covers the forward pass of Hugging Face's `LlamaForCausalLM` with the same module and parameter names, so a HF
 state dict loads by name and other code can swap any projection (`q_proj`, ..., `down_proj`, `lm_head`) for a
@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .static_cache import StaticKVCache
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -222,7 +224,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None):
         # x (B, T, H) -> q (B, heads, T, hd), k/v (B, kv_heads, T, hd)
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -230,7 +232,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, S, hd) with S = past + T
+            k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, S, hd): S = past + T, or max_len if static
         # mask None means plain causal over q and k of equal length (lets SDPA pick flash/efficient kernels).
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
@@ -261,7 +263,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -306,27 +308,36 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None,
+                cache: KVCache | StaticKVCache | None = None):
         b, t = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 4:
-                raise ValueError("a 4-D attention_mask needs explicit position_ids (they restart per packed sequence)")
-            if attention_mask is not None:
-                # Count only real tokens, so left-padded rows start at position 0 like unpadded ones.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        if isinstance(cache, StaticKVCache):
+            # Positions and the (B, 1, T, max_len) mask come from the cache's device-side state (static_cache.py);
+            # attention_mask, if given, covers the T new tokens only.
+            if position_ids is not None:
+                raise ValueError("a StaticKVCache computes position_ids itself; pass attention_mask instead")
+            position_ids, mask = cache.begin(attention_mask, t)
+        else:
+            past = cache.length if cache is not None else 0
+            if position_ids is None:
+                if attention_mask is not None and attention_mask.dim() == 4:
+                    raise ValueError("a 4-D attention_mask needs explicit position_ids (they restart per packed "
+                                     "sequence)")
+                if attention_mask is not None:
+                    # Count only real tokens, so left-padded rows start at position 0 like unpadded ones.
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                else:
+                    position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+            mask = attention_mask_4d(attention_mask, past, t, input_ids.device)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        mask = attention_mask_4d(attention_mask, past, t, input_ids.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 # Recompute each block in backward: keeps one (B, T, H) activation per layer instead of ~20.
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.length += t
         return self.norm(x)
 
@@ -365,11 +376,13 @@ class Llama(nn.Module):
         """Recompute the non-persistent rope buffer (after `to_empty` from the meta device)."""
         self.model.rotary_emb.reset(device)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None,
+                cache: KVCache | StaticKVCache | None = None):
         """input_ids (B, T) -> logits (B, T, vocab).
 
         attention_mask (B, past + T) of 1/0 covers cached positions too; position_ids (B, T) default to counts
-        of real tokens (or past + arange(T) without a mask); cache is filled and advanced by T.
+        of real tokens (or past + arange(T) without a mask); cache is filled and advanced by T. With a
+        StaticKVCache, attention_mask covers the T new tokens only and positions come from the cache.
         """
         return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))
 
