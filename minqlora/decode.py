@@ -15,7 +15,9 @@ Tokens past the point where every row has stopped are dropped, so the output equ
 
 A Decoder owns buffers for one batch size and context length and keeps its captured graphs (one per sampling
 setup) across calls. A graph holds the model's tensors and control flow as they were at capture: in-place weight
-updates are seen, module swaps (add_lora, merge_lora, unmerge) are not — build a new Decoder after them.
+updates are seen, module swaps (add_lora, merge_lora, unmerge) are not — build a new Decoder after them. In
+"compile" mode each Decoder compiles its own step (dynamo guards on the instance; past its recompile limit, 8 by
+default, further Decoders would run uncompiled), so reuse one rather than making many.
 
 Leaves out: the readable loop and streaming (generate.py), sampling itself (sampling.py), prefill in a graph
 (prompt lengths vary; it runs eagerly once per call), speculative decoding.
