@@ -116,12 +116,13 @@ class Decoder:
         return runner
 
     def _capture(self, config: GenerationConfig):
-        # Warm up on a side stream, then record one step. Both run on garbage state, reset before real use.
-        self._reset()
+        # Warm up on a side stream, then record one step. They run on scratch state (each from an empty cache, so
+        # even max_len 1 has room), which generate_chunks resets before real use.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
+                self._reset()
                 self._step(config)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._reset()

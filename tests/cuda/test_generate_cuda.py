@@ -77,7 +77,9 @@ def test_graph_tokens_equal_eager(kind, batch, lora):
     static = run(model, ids, mask, "static")
     assert torch.equal(graph, static)
     eager = run(model, ids, mask, "eager")
-    agree_until_near_tie(model, ids, mask, graph, eager, tol=0.125)  # bf16 logits of magnitude ~10: ulp 0.0625
+    # Logits of magnitude ~5-10 carry bf16 rounding of ~0.03-0.06 per op (ulp 0.03125-0.0625); 0.25 leaves room for
+    # the few ops where the two loops round differently, and still fails a wrong cache or mask at once.
+    agree_until_near_tie(model, ids, mask, graph, eager, tol=0.25)
     # Stops: one row's token mid-way, and a set every row reaches inside a chunk.
     stops = {int(graph[r, 11 + 4 + 2 * r]) for r in range(batch)}
     cfg = dict(stop_ids=stops, pad_token_id=0, check_every=7)
