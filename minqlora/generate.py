@@ -3,103 +3,35 @@
 Covers `generate` (prompt + new tokens as one tensor), `generate_tokens` (an iterator over new token columns),
 `stream_text` (an iterator over decoded text pieces, batch 1) and the `IncrementalDecoder` behind it. Batches
 may be left-padded with an attention mask; rows that hit a stop id emit `pad_token_id` until every row stopped.
+The loop below is the readable one (config.decode="eager"); the others (static cache, CUDA graph, torch.compile)
+live in decode.py and are dispatched to from `generate_tokens`; they give the same greedy tokens.
 
-Leaves out: beam search, repetition penalties, speculative decoding, chat formatting (tokenizer.py) and model
-loading (checkpoint.py). Works on any `Llama` whose projections were swapped for quantized or LoRA modules.
+Leaves out: beam search, repetition penalties, speculative decoding, chat formatting (tokenizer.py), sampling and
+the generation config (sampling.py) and model loading (checkpoint.py). Works on any `Llama` whose projections were
+swapped for quantized or LoRA modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 
+from minqlora.decode import Decoder
 from minqlora.model import KVCache, Llama
+from minqlora.sampling import GenerationConfig, filter_logits, last_logits, next_token
+
+__all__ = ["GenerationConfig", "filter_logits", "next_token", "generate_tokens", "generate", "IncrementalDecoder",
+           "stream_text"]
 
 
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 256  # tokens generated after the prompt, per row, at most
-    do_sample: bool = False  # False: greedy argmax; True: sample from the temperature/top-k/top-p distribution
-    temperature: float = 1.0  # logits are divided by this before filtering (sampling only); must be > 0
-    top_k: int = 0  # keep only the k most likely tokens; 0 disables (sampling only)
-    top_p: float = 1.0  # keep the smallest most-likely set with probability >= top_p; 1.0 disables (sampling only)
-    stop_ids: int | Iterable[int] | None = None  # a row stops after emitting any of these (EOS, end-of-turn)
-    pad_token_id: int | None = None  # emitted by rows that already stopped; None means the smallest stop id, or 0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def stop_set(self) -> set[int]:
-        if self.stop_ids is None:
-            return set()
-        return {self.stop_ids} if isinstance(self.stop_ids, int) else {int(i) for i in self.stop_ids}
-
-    @property
-    def pad_id(self) -> int:
-        if self.pad_token_id is not None:
-            return self.pad_token_id
-        return min(self.stop_set, default=0)
-
-
-def filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (HF's order) on (B, V) fp32 logits; removed tokens become -inf."""
-    logits = logits / config.temperature
-    if config.top_k and config.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the most likely token always stays.
-        drop_sorted = (probs.cumsum(-1) - probs) >= config.top_p
-        drop_sorted[:, 0] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits of the last position -> (B,) token ids."""
-    logits = logits.float()
-    if not config.do_sample:
-        return logits.argmax(-1)  # ties go to the lowest id, as in transformers
-    probs = filter_logits(logits, config).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _last_logits(model: Llama, ids: torch.Tensor, mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-    # Only the last position needs the lm_head: a (B, T, vocab) prefill would cost T times the memory.
-    hidden = model.model(ids, attention_mask=mask, cache=cache)  # (B, T, H)
-    return model.lm_head(hidden[:, -1])  # (B, V)
-
-
-@torch.inference_mode()
-def generate_tokens(model: Llama, input_ids: torch.Tensor, config: GenerationConfig,
-                    attention_mask: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,) per step, until all rows stopped or max_new_tokens.
-
-    input_ids (B, T) long; attention_mask (B, T) of 1/0 for left-padded batches (right padding would put pad tokens
-    between prompt and continuation); generator seeds sampling and must live on the model's device.
-    """
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-    if config.max_new_tokens == 0:
-        return
+def _eager_tokens(model: Llama, input_ids: torch.Tensor, config: GenerationConfig,
+                  attention_mask: torch.Tensor | None, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    # The readable loop: the KVCache grows by one position per step and the mask by one column.
     b, t = input_ids.shape
     stops = torch.tensor(sorted(config.stop_set), dtype=torch.long, device=input_ids.device)
     cache = KVCache(len(model.model.layers), max_len=t + config.max_new_tokens)
-    logits = _last_logits(model, input_ids, attention_mask, cache)
+    logits = last_logits(model, input_ids, attention_mask, cache)
     finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     for step in range(config.max_new_tokens):
         token = next_token(logits, config, generator)
@@ -111,14 +43,40 @@ def generate_tokens(model: Llama, input_ids: torch.Tensor, config: GenerationCon
             return
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)
-        logits = _last_logits(model, token[:, None], attention_mask, cache)
+        logits = last_logits(model, token[:, None], attention_mask, cache)
+
+
+@torch.inference_mode()
+def generate_tokens(model: Llama, input_ids: torch.Tensor, config: GenerationConfig,
+                    attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    decoder: Decoder | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) per step, until all rows stopped or max_new_tokens.
+
+    input_ids (B, T) long; attention_mask (B, T) of 1/0 for left-padded batches (right padding would put pad tokens
+    between prompt and continuation); generator seeds sampling and must live on the model's device. config.decode
+    picks the loop; `decoder` reuses a decode.Decoder (and its captured graphs) across calls, else each call that
+    does not run eagerly builds one sized for this prompt.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if config.max_new_tokens == 0:
+        return
+    if decoder is None and config.decode == "eager":
+        yield from _eager_tokens(model, input_ids, config, attention_mask, generator)
+        return
+    if decoder is None:
+        b, t = input_ids.shape
+        decoder = Decoder(model, b, t + config.max_new_tokens, config.decode)
+    for chunk in decoder.generate_chunks(input_ids, config, attention_mask, generator):
+        yield from chunk.unbind(1)
 
 
 def generate(model: Llama, input_ids: torch.Tensor, config: GenerationConfig | None = None,
-             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             decoder: Decoder | None = None) -> torch.Tensor:
     """Prompt plus continuation, (B, T + new) long, like transformers' `generate` output."""
     config = config or GenerationConfig()
-    tokens = list(generate_tokens(model, input_ids, config, attention_mask, generator))
+    tokens = list(generate_tokens(model, input_ids, config, attention_mask, generator, decoder))
     return torch.cat([input_ids, *(tok[:, None] for tok in tokens)], dim=1)
 
 
@@ -153,16 +111,16 @@ class IncrementalDecoder:
 
 
 def stream_text(model: Llama, tokenizer, input_ids: torch.Tensor, config: GenerationConfig | None = None,
-                generator: torch.Generator | None = None) -> Iterator[str]:
+                generator: torch.Generator | None = None, decoder: Decoder | None = None) -> Iterator[str]:
     """Yield text pieces as they decode, batch 1; stop tokens end the stream and are not part of the text."""
     config = config or GenerationConfig()
     if input_ids.shape[0] != 1:
         raise ValueError(f"stream_text decodes one sequence; got batch size {input_ids.shape[0]}")
-    decoder, stops = IncrementalDecoder(tokenizer), config.stop_set
-    for token in generate_tokens(model, input_ids, config, generator=generator):
+    text, stops = IncrementalDecoder(tokenizer), config.stop_set
+    for token in generate_tokens(model, input_ids, config, generator=generator, decoder=decoder):
         if int(token[0]) in stops:
             break
-        if piece := decoder.push(token[0]):
+        if piece := text.push(token[0]):
             yield piece
-    if piece := decoder.flush():
+    if piece := text.flush():
         yield piece

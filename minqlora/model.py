@@ -1,4 +1,4 @@
-"""Plain Llama: config, RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, a KV cache.
+"""Plain Llama: config, RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, a KV cache (and static_cache.py's).
 
 Covers the forward pass of Hugging Face's `LlamaForCausalLM` with the same module and parameter names, so a HF
 state dict loads by name and other code can swap any projection (`q_proj`, ..., `down_proj`, `lm_head`) for a
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import HostOffloader, checkpoint_layer, checkpoint_mode
+from .static_cache import StaticKVCache
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -223,7 +224,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None):
         # x (B, T, H) -> q (B, heads, T, hd), k/v (B, kv_heads, T, hd)
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -231,7 +232,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, S, hd) with S = past + T
+            k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, S, hd): S = past + T, or max_len if static
         # mask None means plain causal over q and k of equal length (lets SDPA pick flash/efficient kernels).
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
@@ -262,11 +263,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None = None):
         return self.mlp_block(self.attention_block(x, cos, sin, mask, cache))
 
     # The two residual halves, callable apart so checkpointing.py can recompute (and offload) them one at a time.
-    def attention_block(self, x, cos, sin, mask, cache: KVCache | None = None):
+    def attention_block(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None = None):
         return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
 
     def mlp_block(self, x):
@@ -316,20 +317,29 @@ class LlamaModel(nn.Module):
         self.offload_checkpoints = False  # checkpointed layer inputs to pinned host memory (checkpointing.py)
         self.keep_last_layers = 0  # with checkpointing, the last N layers keep their activations (no recomputation)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None,
+                cache: KVCache | StaticKVCache | None = None):
         b, t = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 4:
-                raise ValueError("a 4-D attention_mask needs explicit position_ids (they restart per packed sequence)")
-            if attention_mask is not None:
-                # Count only real tokens, so left-padded rows start at position 0 like unpadded ones.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        if isinstance(cache, StaticKVCache):
+            # Positions and the (B, 1, T, max_len) mask come from the cache's device-side state (static_cache.py);
+            # attention_mask, if given, covers the T new tokens only.
+            if position_ids is not None:
+                raise ValueError("a StaticKVCache computes position_ids itself; pass attention_mask instead")
+            position_ids, mask = cache.begin(attention_mask, t)
+        else:
+            past = cache.length if cache is not None else 0
+            if position_ids is None:
+                if attention_mask is not None and attention_mask.dim() == 4:
+                    raise ValueError("a 4-D attention_mask needs explicit position_ids (they restart per packed "
+                                     "sequence)")
+                if attention_mask is not None:
+                    # Count only real tokens, so left-padded rows start at position 0 like unpadded ones.
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+                else:
+                    position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+            mask = attention_mask_4d(attention_mask, past, t, input_ids.device)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        mask = attention_mask_4d(attention_mask, past, t, input_ids.device)
         mode = checkpoint_mode(self.gradient_checkpointing)
         recompute = mode != "none" and self.training and cache is None and torch.is_grad_enabled()
         offloader = HostOffloader(x.device) if recompute and self.offload_checkpoints else None
@@ -340,7 +350,7 @@ class LlamaModel(nn.Module):
                 x = checkpoint_layer(layer, x, cos, sin, mask, mode=mode, offloader=offloader)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.length += t
         return self.norm(x)
 
@@ -380,11 +390,13 @@ class Llama(nn.Module):
         """Recompute the non-persistent rope buffer (after `to_empty` from the meta device)."""
         self.model.rotary_emb.reset(device)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None,
+                cache: KVCache | StaticKVCache | None = None):
         """input_ids (B, T) -> logits (B, T, vocab).
 
         attention_mask (B, past + T) of 1/0 covers cached positions too; position_ids (B, T) default to counts
-        of real tokens (or past + arange(T) without a mask); cache is filled and advanced by T.
+        of real tokens (or past + arange(T) without a mask); cache is filled and advanced by T. With a
+        StaticKVCache, attention_mask covers the T new tokens only and positions come from the cache.
         """
         return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from minqlora.checkpoint import load_pretrained, save_pretrained
 from minqlora.data import read_jsonl
+from minqlora.decode import Decoder
 from minqlora.generate import GenerationConfig, generate
 from minqlora.gguf_io import export_gguf, export_tokenizer, load_tokenizer
 from minqlora.lora import merge_lora
@@ -88,13 +89,21 @@ def answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_token
     config = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=tokenizer.stop_ids)
     pad = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
     model.eval()
+    all_ids = [prompt_ids(tokenizer, p) for p in prompts]
+    # One fast decoder (static KV cache; CUDA graph on a GPU) per batch size, sized for the longest prompt, so
+    # its buffers and captured graph serve every batch.
+    max_len = max(map(len, all_ids), default=0) + max_new_tokens
+    decoders: dict[int, Decoder] = {}
     out = []
     for k in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-        ids = [prompt_ids(tokenizer, p) for p in prompts[k:k + batch_size]]
+        ids = all_ids[k:k + batch_size]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        rows = generate(model, input_ids, config, attention_mask=mask)[:, width:].tolist()  # SYNC
+        if len(ids) not in decoders:
+            decoders[len(ids)] = Decoder(model, len(ids), max_len)
+        rows = generate(model, input_ids, config, attention_mask=mask, decoder=decoders[len(ids)])
+        rows = rows[:, width:].tolist()  # SYNC
         for row in rows:
             row = row[:next((i for i, t in enumerate(row) if t in config.stop_set), len(row))]
             out.append(tokenizer.decode(row).strip())
