@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import report as report_mod
+from . import distributed, report as report_mod
 from .cli_args import DTYPES, build_parser as _build_parser
 from .checkpoint import gguf_io, load_pretrained, save_pretrained
 from .data import has_own_chat_template
@@ -125,7 +125,10 @@ def cmd_finetune(args) -> None:
         raise UsageError("--targets names no module")
     resolve_device(args.device)  # fail before loading anything
     config = TrainConfig(**fields)
-    result = run_finetune(config)
+    try:
+        result = run_finetune(config)
+    finally:
+        distributed.shutdown()
     print(f"finished at step {result['step']}: train loss {result['loss']:.4f}"
           + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""))
     print(f"adapter (PEFT format), metrics.jsonl, loss.png and checkpoints/: {result['adapter_dir']}")
