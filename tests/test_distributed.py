@@ -44,7 +44,7 @@ from minqlora.cli import load_tokenizer
 from minqlora.sft import TrainConfig, train
 
 torch.set_num_threads(1)
-config, kill_rank, kill_at = TrainConfig(**json.loads(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3])
+configs, kill_rank, kill_at = [TrainConfig(**c) for c in json.loads(sys.argv[1])], int(sys.argv[2]), int(sys.argv[3])
 rank, calls = int(os.environ.get("RANK", 0)), 0
 
 def hook(module, args):  # counts training forwards of the decoder stack; SIGKILLs rank kill_rank at call kill_at
@@ -55,10 +55,12 @@ def hook(module, args):  # counts training forwards of the decoder stack; SIGKIL
             os.kill(os.getpid(), signal.SIGKILL)
 
 torch.nn.modules.module.register_module_forward_pre_hook(hook)
-device = distributed.rank_device(config.device, config.parallel)
-model = load_pretrained(config.model, quantize="nf4", device=device, dtype=torch.float32)  # fp32 throughout
+tokenizer = load_tokenizer(configs[0].model, configs[0].tokenizer)
 try:
-    train(model, load_tokenizer(config.model, config.tokenizer), config)
+    for config in configs:  # one after another in the same process group (saves a launch per run)
+        device = distributed.rank_device(config.device, config.parallel)
+        model = load_pretrained(config.model, quantize="nf4", device=device, dtype=torch.float32)  # fp32 throughout
+        train(model, tokenizer, config)
 finally:
     distributed.shutdown()
 """
@@ -84,13 +86,13 @@ def settings(root: Path, out: str, parallel: str, batch: int, **extra) -> dict:
     base = dict(model=str(root / "model"), tokenizer=str(root), data=str(root / "train.jsonl"),
                 output_dir=str(root / out), device="cpu", parallel=parallel, precision="fp32", seq_len=64,
                 batch_size=batch, grad_accum=2, max_steps=3, lr=0.1, eps=1.0, lora_r=4, lora_dropout=0.0,
-                eval_fraction=0.1, eval_every=2, eval_batches=1, checkpoint_every=2, progress=False)
+                eval_fraction=0.1, eval_every=2, eval_batches=1, checkpoint_every=1, progress=False)
     return {**base, **extra}
 
 
-def launch(root: Path, cfg: dict, ranks: int = 0, kill: tuple[int, int] = (-1, 0), timeout: int = 300):
-    """The driver in one plain process (ranks=0) or under torchrun with `ranks` processes."""
-    cmd = (TORCHRUN + [str(ranks)] if ranks else [sys.executable]) + [str(root / "driver.py"), json.dumps(cfg),
+def launch(root: Path, cfgs: list[dict], ranks: int = 0, kill: tuple[int, int] = (-1, 0), timeout: int = 300):
+    """The driver (runs `cfgs` in turn) in one plain process (ranks=0) or under torchrun with `ranks` processes."""
+    cmd = (TORCHRUN + [str(ranks)] if ranks else [sys.executable]) + [str(root / "driver.py"), json.dumps(cfgs),
                                                                        *map(str, kill)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ,
                                                                                      "OMP_NUM_THREADS": "1"})
@@ -120,12 +122,17 @@ def check_ok(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-def test_ddp_and_fsdp2_match_one_process(tiny):
-    one = launch(tiny, settings(tiny, "one", "none", batch=4))
-    check_ok(one)
+@pytest.fixture(scope="module")
+def runs(tiny):
+    """One process at batch 4; then DDP and FSDP2, 2 ranks at batch 2 each, in one torchrun launch."""
+    check_ok(launch(tiny, [settings(tiny, "one", "none", batch=4)]))
+    check_ok(launch(tiny, [settings(tiny, mode, mode, batch=2) for mode in ("ddp", "fsdp2")], ranks=2))
+    return tiny
+
+
+def test_ddp_and_fsdp2_match_one_process(runs):
+    tiny = runs
     for mode in ("ddp", "fsdp2"):
-        proc = launch(tiny, settings(tiny, mode, mode, batch=2), ranks=2)
-        check_ok(proc)
         assert_same_adapter(tiny / mode, tiny / "one")
         torch.testing.assert_close(losses(tiny / mode), losses(tiny / "one"), rtol=2e-5, atol=0)
         # rank 0 alone wrote: one metrics line per step and evaluation, one checkpoint per saving step
@@ -135,27 +142,26 @@ def test_ddp_and_fsdp2_match_one_process(tiny):
     assert_same_adapter(tiny / "fsdp2", tiny / "ddp")
 
 
-def test_killed_rank_ends_the_run_and_resumes_with_the_same_ranks(tiny):
-    ref = launch(tiny, settings(tiny, "ddp-ref", "ddp", batch=2), ranks=2)
-    check_ok(ref)
-    cfg = settings(tiny, "ddp-kill", "ddp", batch=2, checkpoint_every=1)
+def test_killed_rank_ends_the_run_and_resumes_with_the_same_ranks(runs):
+    tiny = runs
+    cfg = settings(tiny, "ddp-kill", "ddp", batch=2)  # the "ddp" run of `runs` in another directory
     tick = time.monotonic()
-    killed = launch(tiny, cfg, ranks=2, kill=(1, 5), timeout=180)  # rank 1, first micro-batch of step 3
+    killed = launch(tiny, [cfg], ranks=2, kill=(1, 5), timeout=180)  # rank 1, first micro-batch of step 3
     assert killed.returncode != 0 and time.monotonic() - tick < 180
     assert "Signal 9 (SIGKILL)" in killed.stderr and "local_rank: 1" in killed.stderr, killed.stderr[-3000:]
     assert sorted(p.name for p in (tiny / "ddp-kill" / "checkpoints").iterdir())[-1] == "step-00000002"
 
-    other = launch(tiny, {**cfg, "resume": True}, ranks=1)  # one rank instead of two: refused
+    other = launch(tiny, [{**cfg, "resume": True}], ranks=1)  # one rank instead of two: refused
     assert other.returncode != 0
     assert "written by a run of 2 rank(s); this run has 1" in other.stderr, other.stderr[-3000:]
 
-    resumed = launch(tiny, {**cfg, "resume": True}, ranks=2)
+    resumed = launch(tiny, [{**cfg, "resume": True}], ranks=2)
     check_ok(resumed)
     assert "resuming from" in resumed.stdout
-    assert adapter(tiny / "ddp-kill").keys() == adapter(tiny / "ddp-ref").keys()
-    for k, w in adapter(tiny / "ddp-ref").items():
+    assert adapter(tiny / "ddp-kill").keys() == adapter(tiny / "ddp").keys()
+    for k, w in adapter(tiny / "ddp").items():
         assert torch.equal(adapter(tiny / "ddp-kill")[k], w), k  # exactly the uninterrupted run
-    assert losses(tiny / "ddp-kill") == losses(tiny / "ddp-ref")
+    assert losses(tiny / "ddp-kill") == losses(tiny / "ddp")
 
 
 def test_fsdp2_refuses_layers_it_cannot_shard(tiny):
@@ -252,8 +258,8 @@ def test_real_model_ddp_and_fsdp2_match_one_process(tiny, smollm):
                         seq_len=128, grad_accum=1, max_steps=2, eval_fraction=0.0, eval_every=0, checkpoint_every=0,
                         lora_r=8)
 
-    check_ok(launch(tiny, cfg("real-one", "none", 4)))
+    check_ok(launch(tiny, [cfg("real-one", "none", 4)]))
+    check_ok(launch(tiny, [cfg(f"real-{mode}", mode, 2) for mode in ("ddp", "fsdp2")], ranks=2))
     for mode in ("ddp", "fsdp2"):
-        check_ok(launch(tiny, cfg(f"real-{mode}", mode, 2), ranks=2))
         assert_same_adapter(tiny / f"real-{mode}", tiny / "real-one")
         torch.testing.assert_close(losses(tiny / f"real-{mode}"), losses(tiny / "real-one"), rtol=2e-5, atol=0)
