@@ -5,11 +5,11 @@ plain parameter would be all-gathered correctly, but its scales (absmax, another
 not travel with it. Packed4bit is a tensor subclass that holds one Linear4bit weight's rows as two inner tensors,
     codes   (rows · in / 2,) uint8        two 4-bit codes per byte, bitsandbytes' order (quant.py)
     absmax  (rows · in / blocksize,)      uint8 double-quant codes, or float32 without double quantization
-and implements FSDP2's all-gather extension: fsdp_pre_all_gather hands FSDP those two tensors, FSDP gathers each in
-its own dtype (mixed dtypes travel as bytes, never as a float view, so no NaN bit pattern is rewritten), and
-fsdp_post_all_gather wraps the gathered tensors, concatenated over ranks, as the whole weight for the layer's
-forward and backward. A shard is a run of whole rows holding whole quantization blocks, so concatenation is the
-one-process layout byte for byte. The second-level scales of double quantization (nested_absmax, one float32 per
+and implements FSDP2's all-gather extension: fsdp_pre_all_gather hands FSDP one uint8 tensor, the codes followed
+by the absmax's bytes (bytes stay bytes: never a float view of packed codes, so no NaN bit pattern is rewritten),
+and fsdp_post_all_gather splits every rank's piece back into codes and absmax and concatenates them over ranks as
+the whole weight for the layer's forward and backward. A shard is a run of whole rows holding whole quantization
+blocks, so the concatenation is the one-process layout byte for byte. The second-level scales of double quantization (nested_absmax, one float32 per
 256 blocks = 1/4096 byte per weight) and the offset stay replicated on every rank: they are 0.1 % of the 4-bit
 bytes, and sharding them would need shards of whole 16,384-value groups, which small models do not have.
 
@@ -155,12 +155,21 @@ class Packed4bit(torch.Tensor):
         raise NotImplementedError(f"Packed4bit (a 4-bit weight for FSDP2) does not implement {func}")
 
     # -- FSDP2's all-gather extension -----------------------------------------------------------------------
+    # One uint8 input per shard, its codes then its absmax's bytes: FSDP2 gathers it as bytes. (Two inputs would
+    # also travel as bytes, but FSDP2's one-rank path in torch 2.13 copies only a parameter's first input.)
     def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
-        return (self.codes, self.absmax), None
+        return (torch.cat([self.codes, self.absmax.view(torch.uint8)]),), (self.codes.numel(), self.absmax.dtype)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
-        codes, absmax = all_gather_outputs  # each: the ranks' shards concatenated, in their own dtype
-        if out is not None:  # later gathers refill the same storage in place (FSDP2 resizes it back)
+        (flat,) = all_gather_outputs  # (ranks x shard bytes,) uint8: every rank's [codes | absmax bytes]
+        n_codes, absmax_dtype = metadata
+        shards = flat.view(-1, n_codes + self.absmax.numel() * self.absmax.element_size())  # (ranks, shard bytes)
+        # Copies, always: FSDP2 frees and re-allocates the storage of what this returns, so it must own it.
+        codes = shards[:, :n_codes].clone(memory_format=torch.contiguous_format).view(-1)  # (rows * in / 2,)
+        absmax = shards[:, n_codes:].clone(memory_format=torch.contiguous_format).view(-1).view(absmax_dtype)
+        if out is not None:  # later gathers: refill the whole weight FSDP2 built the first time
+            out.codes.copy_(codes)
+            out.absmax.copy_(absmax)
             return
         return Packed4bit(codes, absmax, self.meta), (codes, absmax)
 

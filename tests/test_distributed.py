@@ -231,9 +231,15 @@ def test_packed4bit_row_ops_and_forward():
         padded = halves[1].new_zeros((4, 128))
         padded.narrow(0, 0, 4).copy_(halves[1])
         assert torch.equal(padded.codes, q.weight.view(-1)[256:]) and torch.equal(padded.absmax, q.weight_absmax[8:])
-        whole, _ = halves[0].fsdp_post_all_gather((torch.cat([halves[0].codes, padded.codes]),
-                                                   torch.cat([halves[0].absmax, padded.absmax])), None, torch.uint8)
-        assert torch.equal(whole.codes, q.weight.view(-1)) and whole.absmax.dtype == q.weight_absmax.dtype
+        (first,), meta = halves[0].fsdp_pre_all_gather(None)
+        (second,), _ = padded.fsdp_pre_all_gather(None)
+        assert first.dtype == torch.uint8  # float32 absmax travels as its bytes
+        gathered = torch.cat([first, second])  # what the all-gather hands back: rank 0's bytes, then rank 1's
+        whole, _ = halves[0].fsdp_post_all_gather((gathered,), meta, torch.uint8)
+        assert torch.equal(whole.codes, q.weight.view(-1)) and torch.equal(whole.absmax, q.weight_absmax)
+        whole.codes.zero_()
+        halves[0].fsdp_post_all_gather((gathered,), meta, torch.uint8, out=whole)  # later gathers refill in place
+        assert torch.equal(whole.codes, q.weight.view(-1))
         x = torch.randn(3, 128)
         shardable = fsdp4bit.ShardableLinear4bit(q)
         assert torch.equal(shardable(x), q(x))
