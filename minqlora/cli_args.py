@@ -161,6 +161,13 @@ def _finetune_flags(p, d) -> None:
     io.add_argument("--quantize", dest="quantize", type=quantize_choice, default=d.quantize,
                     choices=("nf4", "fp4", None), metavar="{nf4,fp4,none}", help="base model format")
     _device_flag(io)
+    ranks = _FlagGroup(p, "ranks (run under torchrun --nproc-per-node N -m minqlora finetune ...)")
+    ranks.add_argument("--parallel", dest="parallel", default=d.parallel, choices=("none", "ddp", "fsdp2"),
+                       help="none: one process; ddp: 4-bit base on every rank; fsdp2: base sharded per layer")
+    ranks.add_argument("--dist-backend", dest="dist_backend", default=d.dist_backend, choices=("auto", "gloo", "nccl"),
+                       help="auto: nccl on CUDA, gloo on CPU")
+    ranks.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=d.dist_timeout,
+                       help="seconds a collective waits before a stuck rank fails the run")
     lora = _FlagGroup(p, "LoRA")
     lora.add_argument("--r", dest="lora_r", type=positive_int, default=d.lora_r, help="adapter rank")
     lora.add_argument("--alpha", dest="lora_alpha", type=positive_float, default=d.lora_alpha, help="scale alpha / r")
@@ -181,7 +188,7 @@ def _finetune_flags(p, d) -> None:
                       help="share of --data held out when --eval-data is not given")
     opt = _FlagGroup(p, "optimisation")
     opt.add_argument("--batch-size", dest="batch_size", type=positive_int, default=d.batch_size,
-                     help="rows per micro-batch")
+                     help="rows per micro-batch of each rank")
     opt.add_argument("--grad-accum", dest="grad_accum", type=positive_int, default=d.grad_accum,
                      help="micro-batches per optimizer step")
     opt.add_argument("--steps", dest="max_steps", type=non_negative_int, default=d.max_steps,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import report as report_mod
+from . import distributed, report as report_mod
 from .checkpoint import gguf_io, load_pretrained, save_pretrained
 from .data import has_own_chat_template, read_jsonl, record_shape, split_eval
 from .generate import GenerationConfig, stream_text
@@ -184,7 +184,10 @@ def cmd_finetune(args) -> None:
         check_data(config.eval_data, "--eval-data", None)
     if device.type == "cpu" and (note := cpu_cost_note(config)):
         print(note, file=sys.stderr)
-    result = run_finetune(config)
+    try:
+        result = run_finetune(config)
+    finally:
+        distributed.shutdown()
     print(f"finished at step {result['step']}: train loss {result['loss']:.4f}"
           + (f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""))
     print(f"adapter (PEFT format): {result['adapter_dir']}; metrics.jsonl, loss.png and checkpoints/ beside it in "

@@ -338,6 +338,25 @@ def collate(rows: list[list[Example]], pad_id: int) -> Batch:
                  num_tokens=int(attention_mask.sum()), num_label_tokens=int((labels != IGNORE_INDEX).sum()))
 
 
+def shard_batch(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rank `rank`'s share of a global batch (distributed.py): contiguous rows, shares differing by at most one
+    row, trailing columns that none of its rows uses dropped. A rank left without a row (a global batch smaller
+    than the world) gets the first row with every label ignored: it still runs forward and backward, as the
+    collectives need, and adds nothing to the loss or the gradients."""
+    if world_size == 1:
+        return batch
+    n = batch.input_ids.shape[0]
+    lo, hi = rank * n // world_size, (rank + 1) * n // world_size
+    rows = slice(lo, hi) if hi > lo else slice(0, 1)
+    mask = batch.attention_mask[rows]
+    width = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1
+    labels = batch.labels[rows, :width] if hi > lo else torch.full_like(batch.labels[rows, :width], IGNORE_INDEX)
+    segments = batch.segment_ids[rows, :width]
+    return Batch(batch.input_ids[rows, :width], labels, mask[:, :width], batch.position_ids[rows, :width], segments,
+                 packed=bool((segments > 1).any()), num_tokens=int(mask[:, :width].sum()) if hi > lo else 0,
+                 num_label_tokens=int((labels != IGNORE_INDEX).sum()))
+
+
 def iter_batches(rows: list[list[Example]], batch_size: int, pad_id: int):
     """Batches of `batch_size` rows in order, once through (evaluation)."""
     for start in range(0, len(rows), batch_size):

@@ -19,11 +19,12 @@ resumed run ends with the same adapter bytes as one that never stopped; metrics.
 offset, so the lines a killed run wrote after it are written again once, identically.
 
 Leaves out: how checkpoints, the run directory and RNG states are written (sft_state.py), full fine-tuning (only
-LoRA parameters train), multi-GPU (distributed.py), command-line flags (cli.py), early stopping.
+LoRA parameters train), how ranks shard and gather (distributed.py), command-line flags (cli.py), early stopping.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -35,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import gguf_io, load_pretrained  # gguf_io is None without the optional `gguf` package
-from .data import IGNORE_INDEX, BatchLoader, Batch, iter_batches, load_sft_data, make_rows, packed_attention_mask
+from .data import (IGNORE_INDEX, BatchLoader, Batch, iter_batches, load_sft_data, make_rows, packed_attention_mask,
+                   shard_batch)
 from .checkpointing import checkpoint_mode
 from .loss import linear_cross_entropy
 from .lora import DEFAULT_TARGETS, add_lora, lora_modules, save_adapter, trainable_summary
@@ -57,6 +60,10 @@ class TrainConfig:
     tokenizer: str | None = None  # tokenizer directory for run(); None: the model's directory (or the GGUF's own)
     quantize: str | None = "nf4"  # run(): base projections in "nf4" (QLoRA §3) or "fp4"; None keeps them 16-bit
     device: str = "auto"  # run(): "auto" (cuda when present, else cpu), "cpu", "cuda", "cuda:1", ...
+    # -- ranks (torchrun; distributed.py)
+    parallel: str = "none"  # "none" (one process), "ddp" (replicated 4-bit base) or "fsdp2" (sharded per layer)
+    dist_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "gloo" or "nccl"
+    dist_timeout: float = 180.0  # seconds a collective may wait before the run fails (a dead or stuck rank)
     # -- LoRA (QLoRA §4 found adapters on every linear layer necessary to match 16-bit fine-tuning)
     lora_r: int = 16  # adapter rank
     lora_alpha: float = 32  # scale alpha / r = 2
@@ -70,8 +77,8 @@ class TrainConfig:
     packing: bool = False  # several examples per row, attending only within themselves (block-diagonal mask)
     eval_fraction: float = 0.05  # share of `data` held out for eval loss when eval_data is None (0: no eval)
     # -- optimisation
-    batch_size: int = 4  # rows per micro-batch (one forward/backward)
-    grad_accum: int = 4  # micro-batches per optimizer step; effective batch = batch_size * grad_accum rows
+    batch_size: int = 4  # rows per micro-batch (one forward/backward) of each rank
+    grad_accum: int = 4  # micro-batches per optimizer step; effective batch = ranks * batch_size * grad_accum rows
     max_steps: int = 0  # optimizer steps; 0: epochs * steps per epoch
     epochs: float = 1.0  # passes over the training rows when max_steps is 0
     lr: float = 2e-4  # peak learning rate (QLoRA Appendix B: 2e-4 for 7B and 13B)
@@ -165,17 +172,20 @@ def token_loss_sum(model, batch: Batch, device: torch.device, bf16: bool, loss_c
 
 
 @torch.no_grad()
-def evaluate(model, rows, config: TrainConfig, pad_id: int, device: torch.device, bf16: bool) -> tuple[float, int]:
-    """Mean loss per trained token over the eval rows (the first eval_batches micro-batches when set)."""
+def evaluate(model, rows, config: TrainConfig, pad_id: int, device: torch.device, bf16: bool,
+             par: distributed.Parallel | None = None) -> tuple[float, int]:
+    """Mean loss per trained token over the eval rows (the first eval_batches micro-batches when set). Under
+    several ranks, batches are global like the training batches and each rank evaluates its share."""
+    par = par or distributed.Parallel()
     model.eval()
     total, tokens = torch.zeros((), device=device), 0
-    for i, batch in enumerate(iter_batches(rows, config.batch_size, pad_id)):
+    for i, batch in enumerate(iter_batches(rows, config.batch_size * par.world_size, pad_id)):
         if config.eval_batches and i >= config.eval_batches:
             break
-        total += token_loss_sum(model, batch, device, bf16, config.loss_chunk)
+        total += token_loss_sum(model, shard_batch(batch, par.rank, par.world_size), device, bf16, config.loss_chunk)
         tokens += batch.num_label_tokens
     model.train()
-    return total.item() / max(tokens, 1), tokens  # SYNC: one per evaluation
+    return par.sum(total).item() / max(tokens, 1), tokens  # SYNC: one per evaluation
 
 
 # -- the loop --------------------------------------------------------------------------------------------------------
@@ -195,14 +205,17 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
     # branch casts back and forth), all fp32 159. The loss is computed in fp32 either way.
     bf16 = config.precision == "bf16" or (config.precision == "auto" and (
         device.type == "cuda" or model.model.embed_tokens.weight.dtype == torch.bfloat16))
-    identity = model_identity(model, config.model)
+    par = distributed.setup(config.parallel, device, config.dist_backend, config.dist_timeout)
+    identity = model_identity(model, config.model, par.world_size)
+    par.check_same("the base model", identity)
     torch.manual_seed(config.seed)  # LoRA init (A) and dropout masks
 
     data = load_sft_data(config.data, tokenizer, config.seq_len, config.prompt_format, config.overflow,
                          config.eval_data, config.eval_fraction, config.seed)
     pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
-    loader = BatchLoader(make_rows(data.train, config.seq_len, config.packing, config.seed), config.batch_size,
-                         pad_id, seed=config.seed)
+    # The global batch: every rank draws the same rows_per_rank x ranks and keeps its share (shard_batch).
+    loader = BatchLoader(make_rows(data.train, config.seq_len, config.packing, config.seed),
+                         config.batch_size * par.world_size, pad_id, seed=config.seed)
     eval_rows = make_rows(data.eval, config.seq_len, config.packing, config.seed)
     total_steps = config.max_steps or math.ceil(config.epochs * len(loader) / config.grad_accum)
     for name, s in (("train", data.train_stats), ("eval", data.eval_stats)):
@@ -214,64 +227,83 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
         add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                  targets=config.lora_targets)
     set_lora_path(model, config.lora_path)
+    if par.world_size > 1:  # same LoRA init on every rank (above), then a dropout stream of each rank's own
+        torch.manual_seed(config.seed + 1_000_003 * par.rank)
     model.gradient_checkpointing = config.gradient_checkpointing
     model.model.offload_checkpoints = config.offload_checkpoints
     model.model.keep_last_layers = config.keep_last_layers
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = PagedAdamW(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
-                           optim_bits=config.optim_bits, paging=config.paging)
-    print(f"{len(data.train)} train / {len(data.eval)} eval examples, {len(loader.rows)} rows, {total_steps} steps of "
-          f"{config.batch_size} x {config.grad_accum} rows; {trainable_summary(model, print_it=False)}")
-
+    summary = trainable_summary(model, print_it=False)
     step, bad_steps, metrics_offset = 0, 0, 0
-    checkpoint = prepare_output_dir(out, config)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, identity)
-        optimizer.load_state_dict(state["optimizer"])
+    checkpoint = par.on_main(prepare_output_dir, out, config)  # rank 0 alone writes into out/
+    state = load_checkpoint(checkpoint, model, identity) if checkpoint is not None else None  # adapter: before wrap
+    net = par.wrap(model)  # DDP / FSDP2 (distributed.py); what token_loss_sum runs
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP2 replaces them by shards
+    optimizer = par.optimizer(params, lambda ps: PagedAdamW(
+        ps, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+        optim_bits=config.optim_bits, paging=config.paging))
+    if par.is_main:
+        print(f"{len(data.train)} train / {len(data.eval)} eval examples, {len(loader.rows)} rows, {total_steps} "
+              f"steps of {par.world_size} x {config.batch_size} x {config.grad_accum} rows; {summary}")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"][par.rank] if config.parallel == "fsdp2" else state["optimizer"])
         loader.load_state_dict(state["data"])
-        set_rng_states(state["rng"])
+        set_rng_states(state["rng_per_rank"][par.rank] if "rng_per_rank" in state else state["rng"])
         step, bad_steps, metrics_offset = state["step"], state["bad_steps"], state["metrics_offset"]
-        print(f"resuming from {checkpoint} at step {step}, data position {loader.position}")
+        if par.is_main:
+            print(f"resuming from {checkpoint} at step {step}, data position {loader.position}")
     metrics_path = out / METRICS_NAME
-    with open(metrics_path, "ab") as f:
-        f.truncate(metrics_offset)  # drop lines a killed run wrote after its checkpoint
-    metrics = open(metrics_path, "ab")  # binary: tell() is the byte offset a checkpoint records
+    if par.is_main:
+        with open(metrics_path, "ab") as f:
+            f.truncate(metrics_offset)  # drop lines a killed run wrote after its checkpoint
+    # binary: tell() is the byte offset a checkpoint records; other ranks' lines go nowhere
+    metrics = open(metrics_path, "ab") if par.is_main else io.BytesIO()
 
     def log(record: dict) -> None:
         metrics.write((json.dumps(record) + "\n").encode())
         metrics.flush()
 
-    def trainer_state() -> dict:
+    def trainer_state() -> dict:  # on every rank (it gathers); only rank 0's is written
         metrics.flush()
-        os.fsync(metrics.fileno())
+        if par.is_main:
+            os.fsync(metrics.fileno())
+        optim = par.gather(optimizer.state_dict()) if config.parallel == "fsdp2" else optimizer.state_dict()
         return {"step": step, "bad_steps": bad_steps, "metrics_offset": metrics.tell(),
-                "optimizer": optimizer.state_dict(), "data": loader.state_dict(), "rng": rng_states(),
+                "optimizer": optim, "data": loader.state_dict(), "rng": rng_states(),
+                "rng_per_rank": par.gather(rng_states()),
                 "scheduler": {"step": step, "total_steps": total_steps, "lr": lr_at(step, total_steps, config)},
                 "model": identity, "config": config.to_json()}
 
+    def checkpoint_now() -> Path:
+        state = trainer_state()
+        with par.whole_adapter(model):
+            return par.on_main(save_checkpoint, out, step, model, state, config.keep_checkpoints)
+
     loss = eval_loss = None
     if step == 0 and eval_rows and config.eval_every:
-        eval_loss, eval_tokens = evaluate(model, eval_rows, config, pad_id, device, bf16)
+        eval_loss, eval_tokens = evaluate(net, eval_rows, config, pad_id, device, bf16, par)
         log({"step": 0, "eval_loss": eval_loss, "eval_tokens": eval_tokens})
-    bar = tqdm(total=total_steps, initial=step, disable=not config.progress, desc="sft", unit="step")
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and par.is_main), desc="sft",
+               unit="step")
     with metrics, bar, Interrupt() as interrupt:
         tick = time.perf_counter()
         while step < total_steps:
             lr = lr_at(step, total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [loader.next_batch() for _ in range(config.grad_accum)]  # CPU tensors
-            # Normalise by every trained token of the whole step, counted on the CPU (no sync): the gradient is
-            # that of one batch of batch_size * grad_accum rows, whatever the split into micro-batches.
+            micro = [loader.next_batch() for _ in range(config.grad_accum)]  # CPU tensors, global batches
+            # Normalise by every trained token of the whole step (all ranks), counted on the CPU (no sync): the
+            # gradient is that of one batch of ranks * batch_size * grad_accum rows, however it is split.
             step_tokens = sum(b.num_label_tokens for b in micro)
             loss_sum = torch.zeros((), device=device)
-            for batch in micro:
-                micro_loss = token_loss_sum(model, batch, device, bf16, config.loss_chunk) / max(step_tokens, 1)
-                micro_loss.backward()
+            for i, batch in enumerate(micro):
+                with par.no_sync(net, last=i == len(micro) - 1):
+                    micro_loss = token_loss_sum(net, shard_batch(batch, par.rank, par.world_size), device, bf16,
+                                                config.loss_chunk) / max(step_tokens, 1)
+                    micro_loss.backward()
                 loss_sum += micro_loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-            loss, norm = torch.stack([loss_sum, grad_norm.to(device)]).tolist()  # SYNC: one per step
+            grad_norm = par.clip_grad_norm(params, config.max_grad_norm or math.inf)
+            loss, norm = torch.stack([par.sum(loss_sum), grad_norm.to(device)]).tolist()  # SYNC: one per step
             step += 1
             if math.isfinite(loss) and math.isfinite(norm):
                 optimizer.step()
@@ -295,27 +327,29 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{step_real_tokens / (now - tick):.0f}")
             if eval_rows and config.eval_every and (step % config.eval_every == 0 or step == total_steps):
-                eval_loss, eval_tokens = evaluate(model, eval_rows, config, pad_id, device, bf16)
+                eval_loss, eval_tokens = evaluate(net, eval_rows, config, pad_id, device, bf16, par)
                 log({"step": step, "eval_loss": eval_loss, "eval_tokens": eval_tokens})
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or interrupt.requested:
-                path = save_checkpoint(out, step, model, trainer_state(), config.keep_checkpoints)
-                if interrupt.requested:
-                    plot_losses(metrics_path, out / PLOT_NAME)
+            interrupted = par.any(interrupt.requested)  # every rank stops at the same step
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or interrupted:
+                path = checkpoint_now()
+                if interrupted:
+                    par.on_main(plot_losses, metrics_path, out / PLOT_NAME)
                     raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to {path}")
             tick = time.perf_counter()  # evaluation and checkpoint time stays out of tokens_per_s
 
-        save_checkpoint(out, step, model, trainer_state(), config.keep_checkpoints)
-    save_adapter(model, str(out / ADAPTER_DIR), base_model_name_or_path=config.model or None)
-    plot_losses(metrics_path, out / PLOT_NAME)
-    print(f"adapter, metrics and loss curve written to {out}")
+        checkpoint_now()
+    with par.whole_adapter(model):
+        par.on_main(save_adapter, model, str(out / ADAPTER_DIR), config.model or None)
+    par.on_main(plot_losses, metrics_path, out / PLOT_NAME)
+    if par.is_main:
+        print(f"adapter, metrics and loss curve written to {out}")
     return {"step": step, "loss": loss, "eval_loss": eval_loss, "adapter_dir": str(out / ADAPTER_DIR),
             "train_stats": asdict(data.train_stats), "eval_stats": asdict(data.eval_stats)}
 
 
 def run(config: TrainConfig) -> dict:
     """Load config.model (quantized per config.quantize) and its tokenizer onto config.device, then train()."""
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
+    device = distributed.rank_device(config.device, config.parallel)
     model = load_pretrained(config.model, quantize=config.quantize, device=device)
     source = Path(config.tokenizer or config.model)
     if source.is_file() and gguf_io is None:

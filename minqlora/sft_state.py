@@ -44,16 +44,17 @@ ADAPTER_DIR = "adapter"  # the final adapter, beside (not above) checkpoints/
 RUN_FILES = (CONFIG_FILE, METRICS_NAME, "checkpoints", PLOT_NAME, ADAPTER_DIR, CONFIG_NAME, WEIGHTS_NAME)
 # TrainConfig fields that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_CHANGES = ("model", "data", "eval_data", "tokenizer", "output_dir", "device", "resume", "overwrite",
-                     "progress")
+                     "progress", "dist_backend", "dist_timeout")
 
 
-def model_identity(model, path: str) -> dict:
+def model_identity(model, path: str, world_size: int = 1) -> dict:
     """What a checkpoint must be resumed on: hashes of the model's config and of its first embedding rows (in bf16,
-    so a bf16 and an fp32 load of one checkpoint agree). The path is recorded for messages only: models move."""
+    so a bf16 and an fp32 load of one checkpoint agree), and the number of ranks (distributed.py: the data shards,
+    RNG streams and FSDP2 optimizer shards are per rank). The path is recorded for messages only: models move."""
     config = json.dumps(model.config.to_hf(), sort_keys=True)
     rows = model.model.embed_tokens.weight[:8].detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
     return {"path": path, "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
-            "embedding_sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
+            "embedding_sha256": hashlib.sha256(rows.tobytes()).hexdigest(), "world_size": world_size}
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -147,6 +148,11 @@ def load_checkpoint(path: Path, model, identity: dict) -> dict:
     base model; loads its adapter into `model`."""
     state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     theirs = state["model"]
+    saved_world = theirs.get("world_size", 1)
+    if saved_world != identity.get("world_size", 1):
+        raise ValueError(f"checkpoint {path} was written by a run of {saved_world} rank(s); this run has "
+                         f"{identity.get('world_size', 1)}. Resume with the same number of processes "
+                         f"(torchrun --nproc-per-node {saved_world}): per-rank state is not re-sharded")
     for key in ("config_sha256", "embedding_sha256"):
         if theirs[key] != identity[key]:
             raise ValueError(f"checkpoint {path} was trained on another base model ({theirs['path'] or 'in memory'}: "

@@ -1,0 +1,220 @@
+"""4-bit weights that FSDP2 (torch.distributed.fsdp.fully_shard) can shard and gather as integer storage.
+
+FSDP2 shards parameters, never buffers, and reinterprets nothing it is not told to: a uint8 packed weight kept as a
+plain parameter would be all-gathered correctly, but its scales (absmax, another tensor of another dtype) would
+not travel with it. Packed4bit is a tensor subclass that holds one Linear4bit weight's rows as two inner tensors,
+    codes   (rows · in / 2,) uint8        two 4-bit codes per byte, bitsandbytes' order (quant.py)
+    absmax  (rows · in / blocksize,)      uint8 double-quant codes, or float32 without double quantization
+and implements FSDP2's all-gather extension: fsdp_pre_all_gather hands FSDP one uint8 tensor, the codes followed
+by the absmax's bytes (bytes stay bytes: never a float view of packed codes, so no NaN bit pattern is rewritten),
+and fsdp_post_all_gather splits every rank's piece back into codes and absmax and concatenates them over ranks as
+the whole weight for the layer's forward and backward. A shard is a run of whole rows holding whole quantization
+blocks, so the concatenation is the one-process layout byte for byte. The second-level scales of double quantization (nested_absmax, one float32 per
+256 blocks = 1/4096 byte per weight) and the offset stay replicated on every rank: they are 0.1 % of the 4-bit
+bytes, and sharding them would need shards of whole 16,384-value groups, which small models do not have.
+
+The outer tensor is (rows, in_features) uint8: FSDP shards it on dim 0 through torch.chunk, new_zeros, narrow
+and copy_, and the handful of aten ops here map each of those onto the inner tensors by rows.
+
+ShardableLinear4bit is Linear4bit's forward over a Packed4bit parameter; to_shardable() swaps it in for every
+Linear4bit of a model (same bytes, so the same outputs). Leaves out: sharding anything but dim 0, uneven shards
+(FSDP2's padding would have to be rebuilt inside the codes), CPU offload of the shards, and saving a sharded
+4-bit model (training saves only adapters).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from . import ops
+from .linear4bit import Linear4bit
+from .quant import QuantState
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Meta4bit:
+    """What every shard of one weight shares (replicated, not gathered)."""
+
+    in_features: int
+    blocksize: int
+    quant_type: str
+    dtype: torch.dtype  # the original weight's dtype, what dequantize returns
+    nested_absmax: torch.Tensor | None  # (ceil(B/256),) float32 for the whole weight, or None
+    nested_map: torch.Tensor | None  # (256,) float32
+    nested_offset: float
+
+
+class Packed4bit(torch.Tensor):
+    """Rows of a 4-bit weight: outer shape (rows, in_features) uint8; inner tensors `codes` and `absmax`."""
+
+    @staticmethod
+    def __new__(cls, codes: torch.Tensor, absmax: torch.Tensor, meta: Meta4bit, shape=None):
+        rows = codes.numel() * 2 // meta.in_features
+        shape = torch.Size(shape if shape is not None else (rows, meta.in_features))
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.uint8, device=codes.device,
+                                                   requires_grad=False)
+
+    def __init__(self, codes, absmax, meta, shape=None):
+        self.codes, self.absmax, self.meta = codes, absmax, meta
+
+    @classmethod
+    def from_linear4bit(cls, lin: Linear4bit) -> "Packed4bit":
+        nested = lin.weight_nested_absmax
+        meta = Meta4bit(lin.in_features, lin.blocksize, lin.quant_type, lin.weight_dtype, nested,
+                        lin.weight_nested_map, lin.nested_offset)
+        return cls(lin.weight.reshape(-1), lin.weight_absmax, meta)
+
+    @property
+    def rows(self) -> int:
+        return self.codes.numel() * 2 // self.meta.in_features
+
+    def quant_state(self) -> QuantState:
+        m = self.meta
+        return QuantState(absmax=self.absmax, shape=torch.Size([self.rows, m.in_features]), dtype=m.dtype,
+                          blocksize=m.blocksize, quant_type=m.quant_type, nested_absmax=m.nested_absmax,
+                          nested_map=m.nested_map, nested_offset=m.nested_offset)
+
+    def __repr__(self) -> str:
+        return f"Packed4bit(rows={self.rows}, in_features={self.meta.in_features}, {self.meta.quant_type})"
+
+    # -- torch.compile / FSDP tracing: the subclass flattens to its two inner tensors
+    def __tensor_flatten__(self):
+        return ["codes", "absmax"], (self.meta, tuple(self.shape))
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        meta, shape = ctx
+        return Packed4bit(inner["codes"], inner["absmax"], meta, shape)
+
+    def _rows(self, start: int, stop: int) -> "Packed4bit":
+        """Rows [start, stop) as views of this tensor's storage."""
+        per_row_codes, per_row_blocks = self.meta.in_features // 2, self.meta.in_features // self.meta.blocksize
+        return Packed4bit(self.codes[start * per_row_codes:stop * per_row_codes],
+                          self.absmax[start * per_row_blocks:stop * per_row_blocks], self.meta)
+
+    def _map(self, fn) -> "Packed4bit":
+        """fn applied to both inner tensors (moves, copies, fresh zeros); nested scales follow a device move."""
+        codes, absmax = fn(self.codes), fn(self.absmax)
+        meta = self.meta
+        if codes.device != self.codes.device:
+            move = (lambda t: None if t is None else t.to(codes.device))
+            meta = replace(meta, nested_absmax=move(meta.nested_absmax), nested_map=move(meta.nested_map))
+        return Packed4bit(codes, absmax, meta)
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0]
+        if func in (aten.detach.default, aten.alias.default):
+            return Packed4bit(x.codes, x.absmax, x.meta, x.shape)
+        if func is aten.split.Tensor:  # torch.chunk(w, world_size) in fully_shard
+            size, dim = args[1], (args[2] if len(args) > 2 else kwargs.get("dim", 0))
+            _check_dim0(func, dim)
+            return [x._rows(a, min(a + size, x.rows)) for a in range(0, x.rows, size)]
+        if func is aten.slice.Tensor:  # narrow(0, start, length)
+            dim, start, end = (list(args[1:4]) + [0, None, None][len(args) - 1:])[:3]
+            _check_dim0(func, dim)
+            start, end = start or 0, x.rows if end is None else min(end, x.rows)
+            return x._rows(start, end)
+        if func is aten.new_zeros.default:
+            rows = args[1][0]
+            return Packed4bit(torch.zeros(rows * x.meta.in_features // 2, dtype=torch.uint8, device=x.codes.device),
+                              torch.zeros(rows * x.meta.in_features // x.meta.blocksize, dtype=x.absmax.dtype,
+                                          device=x.absmax.device), x.meta)
+        if func is aten.copy_.default:
+            src = args[1]
+            if not isinstance(src, Packed4bit) or src.codes.shape != x.codes.shape:
+                raise ValueError(f"Packed4bit.copy_: source must be a Packed4bit of {x.rows} rows, got {src!r}")
+            x.codes.copy_(src.codes)
+            x.absmax.copy_(src.absmax)
+            return x
+        if func in (aten.view.default, aten.as_strided.default, aten._unsafe_view.default):
+            # FSDP2 keeps a flat view of a shard (view(-1)) and restrides the gathered weight to its own shape:
+            # the rows stay what they are; only the outer shape is relabelled.
+            size = list(args[1])
+            if -1 in size:
+                size[size.index(-1)] = x.numel() // -math.prod(size)
+            return Packed4bit(x.codes, x.absmax, x.meta, size)
+        if func is aten._to_copy.default:
+            device = kwargs.get("device")
+            return x._map(lambda t: t.to(device=device) if device is not None else t.clone())
+        if func is aten.clone.default:
+            return x._map(torch.clone)
+        if func is aten.is_pinned.default:
+            return x.codes.is_pinned()
+        if func is aten._has_compatible_shallow_copy_type.default:
+            return False
+        raise NotImplementedError(f"Packed4bit (a 4-bit weight for FSDP2) does not implement {func}")
+
+    # -- FSDP2's all-gather extension -----------------------------------------------------------------------
+    # One uint8 input per shard, its codes then its absmax's bytes: FSDP2 gathers it as bytes. (Two inputs would
+    # also travel as bytes, but FSDP2's one-rank path in torch 2.13 copies only a parameter's first input.)
+    def fsdp_pre_all_gather(self, mesh, outer_size=None, outer_stride=None, module=None, mp_policy=None):
+        return (torch.cat([self.codes, self.absmax.view(torch.uint8)]),), (self.codes.numel(), self.absmax.dtype)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        (flat,) = all_gather_outputs  # (ranks x shard bytes,) uint8: every rank's [codes | absmax bytes]
+        n_codes, absmax_dtype = metadata
+        shards = flat.view(-1, n_codes + self.absmax.numel() * self.absmax.element_size())  # (ranks, shard bytes)
+        # Copies, always: FSDP2 frees and re-allocates the storage of what this returns, so it must own it.
+        codes = shards[:, :n_codes].clone(memory_format=torch.contiguous_format).view(-1)  # (rows * in / 2,)
+        absmax = shards[:, n_codes:].clone(memory_format=torch.contiguous_format).view(-1).view(absmax_dtype)
+        if out is not None:  # later gathers: refill the whole weight FSDP2 built the first time
+            out.codes.copy_(codes)
+            out.absmax.copy_(absmax)
+            return
+        return Packed4bit(codes, absmax, self.meta), (codes, absmax)
+
+
+def _check_dim0(func, dim) -> None:
+    if dim != 0:
+        raise NotImplementedError(f"Packed4bit shards along rows (dim 0) only; {func} asked for dim {dim}")
+
+
+class ShardableLinear4bit(nn.Module):
+    """Linear4bit's y = x · dequant(W)ᵀ + b with W in one Packed4bit parameter (frozen), so FSDP2 shards it."""
+
+    def __init__(self, lin: Linear4bit):
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype = lin.in_features, lin.out_features, lin.compute_dtype
+        self.weight = nn.Parameter(Packed4bit.from_linear4bit(lin), requires_grad=False)
+        self.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight  # the whole weight: FSDP2 gathered it before this layer's forward (and again for backward)
+        y = ops.gemm_4bit(x.to(self.compute_dtype), w.codes.view(-1, 1), w.quant_state())
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def check_shardable(model: nn.Module, world_size: int) -> None:
+    """Every Linear4bit must split into world_size equal runs of rows holding whole quantization blocks."""
+    for name, m in model.named_modules():
+        if not isinstance(m, Linear4bit):
+            continue
+        rows = m.out_features // world_size
+        if m.out_features % world_size or (rows * m.in_features) % m.blocksize or m.in_features % 2:
+            raise ValueError(f"--parallel fsdp2: {name} ({m.out_features}x{m.in_features}, blocksize {m.blocksize}) "
+                             f"cannot be split into {world_size} shards of whole rows and whole quantization blocks "
+                             f"(needs out_features divisible by {world_size} and out_features/{world_size} x "
+                             f"in_features divisible by {m.blocksize}); use --parallel ddp")
+
+
+def to_shardable(model: nn.Module) -> nn.Module:
+    """Swap every Linear4bit of `model` for a ShardableLinear4bit over the same bytes, in place."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Linear4bit):
+            model.set_submodule(name, ShardableLinear4bit(m).train(m.training))
+    return model
