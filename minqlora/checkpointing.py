@@ -33,6 +33,7 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 MODES = ("full", "selective", "none")
@@ -206,6 +207,10 @@ def checkpoint_layer(layer, x: torch.Tensor, cos, sin, mask, *, mode: str = "ful
     if offloader is None:
         context_fn = selective_contexts if mode == "selective" else _no_contexts
         return checkpoint(layer, x, cos, sin, mask, use_reentrant=False, context_fn=context_fn)
+    if isinstance(layer, FSDPModule):
+        # The halves are called as methods, past the module call where FSDP2 gathers the layer's shards.
+        raise ValueError("offloaded checkpoints do not combine with FSDP2 (--parallel fsdp2); use DDP or leave "
+                         "offload_checkpoints off")
     anchor = torch.empty(0, requires_grad=True)
     x = _OffloadedCheckpoint.apply(layer.attention_block, mode, 0, offloader, anchor, x, cos, sin, mask)
     return _OffloadedCheckpoint.apply(layer.mlp_block, "full", MLP_TILE, offloader, anchor, x)

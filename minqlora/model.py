@@ -5,8 +5,9 @@ state dict loads by name and other code can swap any projection (`q_proj`, ..., 
 quantized or LoRA module: every projection is called as a plain `module(x)`.
 
 Leaves out: checkpoint loading (checkpoint.py builds a `Llama` on the meta device, materializes it with `to_empty`
-and loads weights), quantization and LoRA (module swaps from linear4bit.py and lora.py), the loss (sft.py), and
-decoding loops (generate.py). Rope types other than default / linear / llama3 are refused rather than approximated.
+and loads weights), quantization and LoRA (module swaps from linear4bit.py and lora.py), the loss (sft.py, loss.py),
+activation checkpointing's mechanics (checkpointing.py) and decoding loops (generate.py). Rope types other than
+default / linear / llama3 are refused rather than approximated.
 """
 
 from __future__ import annotations
