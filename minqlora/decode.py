@@ -11,7 +11,9 @@ can be recorded once and replayed:
 
 The only host sync is the stop check every `config.check_every` tokens: one copy of the new tokens to the host.
 Tokens past the point where every row has stopped are dropped, so the output equals the readable loop's
-(generate.py), token for token under greedy decoding.
+(generate.py), token for token under greedy decoding in fp32. In bf16 the two differ by rounding (attention runs
+over all max_len slots here, over the filled prefix there), so a near-tie between two tokens may break differently;
+a graph replay and the eager "static" step run the same kernels and agree exactly.
 
 A Decoder owns buffers for one batch size and context length and keeps its captured graphs (one per sampling
 setup) across calls. A graph holds the model's tensors and control flow as they were at capture: in-place weight
