@@ -61,7 +61,10 @@ def generate_tokens(model: Llama, input_ids: torch.Tensor, config: GenerationCon
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     if config.max_new_tokens == 0:
         return
-    if decoder is None and config.decode == "eager":
+    # "auto" keeps the eager loop on the CPU: its 16-bit greedy tokens stay exactly what they were (the static cache
+    # attends over masked slots too, which can flip a near-tie), and there is no graph to win there.
+    cpu = next(model.parameters()).device.type != "cuda"
+    if decoder is None and (config.decode == "eager" or (config.decode == "auto" and cpu)):
         yield from _eager_tokens(model, input_ids, config, attention_mask, generator)
         return
     if decoder is None:

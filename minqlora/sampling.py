@@ -33,7 +33,8 @@ class GenerationConfig:
     # How to run the loop (decode.py): "eager" is the readable loop with the growing KVCache (generate.py); "static"
     # uses the preallocated StaticKVCache with no per-token Python state; "graph" adds a torch.cuda.CUDAGraph of the
     # decode step (CUDA only); "compile" runs the step through torch.compile(mode="reduce-overhead") instead;
-    # "auto" is "graph" on CUDA and "static" elsewhere. Greedy tokens are the same in every mode in fp32; in 16-bit the
+    # "auto" is "graph" on CUDA and "eager" on the CPU (generate.py; a Decoder built with "auto" on the CPU runs
+    # "static"). Greedy tokens are the same in every mode in fp32; in 16-bit the
     # static modes attend over all max_len slots (masked), so rounding differs slightly and near-ties may break
     # the other way (as with transformers' static and dynamic caches).
     decode: str = "auto"
