@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import safetensors_io
@@ -281,6 +281,7 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
+        safetensors_io.honour_umask(tmp)  # safetensors writes its files 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -311,8 +312,7 @@ def save_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | 
               "base_model_name_or_path": base_model_name_or_path}
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, WEIGHTS_NAME),
-                  lambda p: safetensors_io.save(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(os.path.join(out_dir, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
     _atomic_write(os.path.join(out_dir, CONFIG_NAME), lambda p: _write_text(p, text))
     return out_dir

@@ -313,8 +313,8 @@ class QuantState:
         if packed is not None:
             nbytes = (self.numel + 1) // 2
             if packed.dtype not in STORAGE_DTYPES or packed.numel() * packed.element_size() != nbytes:
-                raise ValueError(f"packed weight must be {nbytes} bytes (uint8, or viewed as float16/bfloat16/float32) "
-                                 f"for shape {list(self.shape)}; got {packed.numel()} of {packed.dtype}")
+                raise ValueError(f"packed weight must be {nbytes} uint8 bytes (or those bytes viewed as float16/bfloat16/"
+                                 f"float32) for shape {list(self.shape)}; got {packed.numel()} of {packed.dtype}")
             if packed.device != self.absmax.device:
                 raise ValueError(f"packed weight is on {packed.device} but {name}.absmax on {self.absmax.device}")
 

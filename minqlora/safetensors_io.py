@@ -20,6 +20,11 @@ def umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def honour_umask(path) -> None:
+    """Give `path` the mode open() would have: what the user's umask asks for."""
+    os.chmod(path, umask_mode())
+
+
 def save(tensors: dict, path, metadata: dict | None = None) -> None:
     save_file(tensors, path, metadata=metadata)
-    os.chmod(path, umask_mode())
+    honour_umask(path)
