@@ -168,9 +168,12 @@ class Packed4bit(torch.Tensor):
         # Copies, always: FSDP2 frees and re-allocates the storage of what this returns, so it must own it.
         codes = shards[:, :n_codes].clone(memory_format=torch.contiguous_format).view(-1)  # (rows * in / 2,)
         absmax = shards[:, n_codes:].clone(memory_format=torch.contiguous_format).view(-1).view(absmax_dtype)
-        if out is not None:  # later gathers: refill the whole weight FSDP2 built the first time
-            out.codes.copy_(codes)
-            out.absmax.copy_(absmax)
+        if out is not None:  # later gathers: refill the whole weight FSDP2 built the first time. Autograd saved
+            # it in forward and FSDP2 freed and re-gathered it for backward: same values, so keep the version
+            # counter (as FSDP2 does for its own parameters) or backward would refuse the "modified" tensor.
+            for dst, src in ((out.codes, codes), (out.absmax, absmax)):
+                with torch.autograd._unsafe_preserve_version_counter(dst):
+                    dst.copy_(src)
             return
         return Packed4bit(codes, absmax, self.meta), (codes, absmax)
 
