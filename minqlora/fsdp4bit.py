@@ -9,9 +9,10 @@ and implements FSDP2's all-gather extension: fsdp_pre_all_gather hands FSDP one 
 by the absmax's bytes (bytes stay bytes: never a float view of packed codes, so no NaN bit pattern is rewritten),
 and fsdp_post_all_gather splits every rank's piece back into codes and absmax and concatenates them over ranks as
 the whole weight for the layer's forward and backward. A shard is a run of whole rows holding whole quantization
-blocks, so the concatenation is the one-process layout byte for byte. The second-level scales of double quantization (nested_absmax, one float32 per
-256 blocks = 1/4096 byte per weight) and the offset stay replicated on every rank: they are 0.1 % of the 4-bit
-bytes, and sharding them would need shards of whole 16,384-value groups, which small models do not have.
+blocks, so the concatenation is the one-process layout byte for byte. The second-level scales of double
+quantization (nested_absmax, one float32 per 256 blocks = 1/4096 byte per weight) and the offset stay replicated on
+every rank: they are 0.1 % of the 4-bit bytes, and sharding them would need shards of whole 16,384-value groups,
+which small models do not have.
 
 The outer tensor is (rows, in_features) uint8: FSDP shards it on dim 0 through torch.chunk, new_zeros, narrow
 and copy_, and the handful of aten ops here map each of those onto the inner tensors by rows.
@@ -167,9 +168,12 @@ class Packed4bit(torch.Tensor):
         # Copies, always: FSDP2 frees and re-allocates the storage of what this returns, so it must own it.
         codes = shards[:, :n_codes].clone(memory_format=torch.contiguous_format).view(-1)  # (rows * in / 2,)
         absmax = shards[:, n_codes:].clone(memory_format=torch.contiguous_format).view(-1).view(absmax_dtype)
-        if out is not None:  # later gathers: refill the whole weight FSDP2 built the first time
-            out.codes.copy_(codes)
-            out.absmax.copy_(absmax)
+        if out is not None:  # later gathers: refill the whole weight FSDP2 built the first time. Autograd saved
+            # it in forward and FSDP2 freed and re-gathered it for backward: same values, so keep the version
+            # counter (as FSDP2 does for its own parameters) or backward would refuse the "modified" tensor.
+            for dst, src in ((out.codes, codes), (out.absmax, absmax)):
+                with torch.autograd._unsafe_preserve_version_counter(dst):
+                    dst.copy_(src)
             return
         return Packed4bit(codes, absmax, self.meta), (codes, absmax)
 
