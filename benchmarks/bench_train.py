@@ -42,16 +42,16 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LR, CLIP = 2e-4, 0.3
 
 
-def time_steps(step, warmup: int, steps: int, sync) -> list[float]:
+def time_steps(step, warmup: int, steps: int, sync, clock=time.perf_counter) -> list[float]:
     for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
         sync()
-        start = time.perf_counter()
+        start = clock()
         step()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -110,6 +110,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="compute dtype")
     ap.add_argument("--lora-paths", default="fused,reference", help=f"minqlora LoRA paths to time, of {LORA_PATHS}")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU seconds, not wall time: with --threads 1 on a shared machine "
+                         "they do not count the time other jobs hold the cores")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -134,13 +137,15 @@ def main() -> None:
         results = {}
         for name, build in steps.items():
             torch.manual_seed(0)
-            times = time_steps(build(), args.warmup, args.steps, sync)
+            times = time_steps(build(), args.warmup, args.steps, sync,
+                               time.process_time if args.cpu_time else time.perf_counter)
             results[name] = statistics.median(times)
             print(f"{name}: {', '.join(f'{t:.3f}' for t in times)} s", flush=True)
 
     tokens = args.batch * args.seq_len
     print(f"\nQLoRA step, {Path(args.model).name}, batch {args.batch} x {args.seq_len} tokens, {device}, {dtype} "
-          f"compute, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps}")
+          f"compute, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps}"
+          f"{' (CPU seconds)' if args.cpu_time else ''}")
     theirs = results["transformers+peft+bnb"]
     for name, t in results.items():
         ratio = f"{theirs / t:6.2f}x" if name != "transformers+peft+bnb" else ""
