@@ -15,7 +15,8 @@ set_lora_path(model, "reference") sends them back. What changes, and why:
 - The output is one addmm per layer, y + (s / (1 - p))·h·Bᵀ: the dropout's 1/(1 - p) rides in addmm's alpha
   instead of a pass over x.
 - A dropout mask is a comparison of 32 random bits per element against a threshold (keep_mask), drawn as int64
-  words, instead of bernoulli_: on the 2-core CPU bernoulli_ took most of the LoRA time (benchmarks/README.md).
+  words, instead of bernoulli_, which was 28 % of a CPU QLoRA step on an AMX Xeon; on an AVX2 EPYC the new masks cost
+  40 % of bernoulli_'s time (benchmarks/README.md, bench_train.py).
 
 Dropout modes. "fused" keeps peft's math: each layer draws its own mask, so with dropout on the group's
 down-projections are separate matmuls over separately dropped inputs (one mask draw for the group); with dropout 0 or

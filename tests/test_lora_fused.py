@@ -180,7 +180,7 @@ def test_one_down_projection_per_distinct_input(path, training):
     assert sum(op == "addmm" and a[1] == 4 for op, a, b in counter.calls) == 7 * 2
 
 
-def masked_inputs(model, path, p, seed):
+def masked_inputs(path, p, seed):
     """The fused model's dropped inputs, reconstructed: the same draws in the same order as the forward makes them."""
     torch.manual_seed(seed)
     n, d, f = IDS.numel(), 32, 48
@@ -209,7 +209,7 @@ def test_dropout_masks_per_module_or_per_input(path):
         model(IDS)
     for h in handles:
         h.remove()
-    masks = masked_inputs(model, path, p, seed=11)
+    masks = masked_inputs(path, p, seed=11)
     if path == "fused":
         assert not torch.equal(masks[0][0], masks[0][1])  # q and k of layer 0 drew different masks
     for layer in range(2):
