@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minqlora.checkpoint import load_pretrained, save_pretrained
+from minqlora.checkpoint import load_pretrained, native_dtype, save_pretrained
 from minqlora.data import read_jsonl
 from minqlora.decode import Decoder
 from minqlora.generate import GenerationConfig, generate
@@ -149,7 +149,8 @@ def main(argv=None) -> dict:
 
     tick = time.perf_counter()
     tokenizer = load_tokenizer(gguf_path, cache_dir() / "smollm2-135m-instruct" / "tokenizer")
-    model = load_pretrained(gguf_path, quantize="nf4", double_quant=True, device=device)
+    # bf16 where the hardware has it (sft.train then trains under bf16 autocast), float32 on CPUs that emulate it
+    model = load_pretrained(gguf_path, quantize="nf4", double_quant=True, device=device, dtype=native_dtype(device))
     timings["import_s"] = time.perf_counter() - tick
     print(f"imported {gguf_path.name} into NF4 (double quantized) on {device} in {timings['import_s']:.1f}s")
 
@@ -196,7 +197,7 @@ def main(argv=None) -> dict:
     # The exported file stands on its own: reload it (16-bit, its own tokenizer) and ask it the sample questions.
     tick = time.perf_counter()
     del model
-    reloaded = load_pretrained(gguf_out, quantize=None, device=device)
+    reloaded = load_pretrained(gguf_out, quantize=None, device=device, dtype=native_dtype(device))
     reloaded_tok = load_tokenizer(gguf_out, out / "gguf-tokenizer")
     _, reloaded_replies = exact_match(reloaded, reloaded_tok, test[:3], 3, device)
     timings["reload_s"] = time.perf_counter() - tick
