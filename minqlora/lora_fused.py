@@ -100,7 +100,7 @@ class LoRAGroup:
 
     def forward(self, member: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """member's output y + s·dropout(x)·Aᵀ·Bᵀ, (..., out) in y's dtype; y = member.base_layer(x)."""
-        fresh = self._x is x and self._version == x._version and self._grad == torch.is_grad_enabled()
+        fresh = self._x is x and self._version == _version_of(x) and self._grad == torch.is_grad_enabled()
         if not (fresh and id(member) in self._h):
             self._down(x, member.training)
         h, keep_scale = self._h.pop(id(member))  # (N, r)
@@ -128,7 +128,13 @@ class LoRAGroup:
             keep = keep_mask((len(live),) + tuple(x2.shape), p, x.device)  # one draw for the group
             hs = [(x2 * k) @ am.t() for k, am in zip(keep, a.split([m.r for m in live]))]  # (N, r) per member
         self._h = {id(m): (h, 1.0 / (1.0 - p)) for m, h, p in zip(live, hs, ps)}
-        self._x, self._version, self._grad = x, x._version, torch.is_grad_enabled()
+        self._x, self._version, self._grad = x, _version_of(x), torch.is_grad_enabled()
+
+
+def _version_of(x: torch.Tensor) -> int | None:
+    """x's in-place version counter; None for inference tensors (torch.inference_mode), which have none: there the
+    identity check alone decides whether siblings see the same x (decoding calls them back to back)."""
+    return None if x.is_inference() else x._version
 
 
 def set_lora_path(model: nn.Module, path: str = "fused") -> nn.Module:

@@ -40,7 +40,7 @@ import copy, json, os, signal, sys
 import torch
 from minqlora import distributed
 from minqlora.checkpoint import load_pretrained
-from minqlora.cli import load_tokenizer
+from minqlora.cli_commands import load_tokenizer
 from minqlora.sft import TrainConfig, train
 
 torch.set_num_threads(1)

@@ -303,6 +303,15 @@ def test_same_input_twice_and_partial_calls():
     torch.testing.assert_close(attn.v_proj(x), attn_ref.v_proj(x), rtol=1e-5, atol=1e-5)
 
 
+def test_inference_mode():
+    """Decoding runs under torch.inference_mode, whose tensors have no version counter: same logits as reference."""
+    model = tiny_llama().eval()
+    ref = set_lora_path(copy.deepcopy(model), "reference")
+    set_lora_path(model, "fused")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(IDS), ref(IDS), rtol=1e-5, atol=1e-5)
+
+
 def test_merged_member_is_left_out():
     model = tiny_llama().eval()
     ref = set_lora_path(copy.deepcopy(model), "reference")
