@@ -29,6 +29,7 @@ from minqlora.checkpoint import save_pretrained
 from minqlora.data import IGNORE_INDEX, collate, shard_batch, tokenize_record
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import CONFIG_NAME, WEIGHTS_NAME
+from minqlora.sft_state import ADAPTER_DIR
 from minqlora.model import Llama
 from minqlora.tokenizer import Tokenizer
 from test_sft_helpers import counting_records, one_thread, sentencepiece_dir, tiny_model, write_jsonl  # noqa: F401
@@ -100,7 +101,7 @@ def launch(root: Path, cfgs: list[dict], ranks: int = 0, kill: tuple[int, int] =
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / WEIGHTS_NAME)
+    return load_file(run_dir / ADAPTER_DIR / WEIGHTS_NAME)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -110,7 +111,7 @@ def losses(run_dir: Path) -> list[float]:
 
 def assert_same_adapter(a: Path, b: Path, rtol: float = 2e-5) -> None:
     """Same PEFT config file, same keys/shapes/dtypes, values within rtol of the larger weights."""
-    assert (a / CONFIG_NAME).read_text() == (b / CONFIG_NAME).read_text()
+    assert (a / ADAPTER_DIR / CONFIG_NAME).read_text() == (b / ADAPTER_DIR / CONFIG_NAME).read_text()
     wa, wb = adapter(a), adapter(b)
     assert wa.keys() == wb.keys() and wa
     for k in wa:
@@ -178,7 +179,7 @@ def test_fsdp2_refuses_layers_it_cannot_shard(tiny):
     assert proc.returncode != 0
     assert ("--parallel fsdp2: model.layers.0.self_attn.q_proj.base_layer (40x40, blocksize 64) cannot be split "
             "into 2 shards") in proc.stderr, proc.stderr[-3000:]
-    assert not (tiny / "bad" / WEIGHTS_NAME).exists()
+    assert not (tiny / "bad" / ADAPTER_DIR / WEIGHTS_NAME).exists()
 
 
 def test_bad_input_in_one_process(tiny, monkeypatch, capsys):
