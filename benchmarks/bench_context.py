@@ -28,13 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
-import torch
+# Expandable segments let the allocator grow one mapping instead of caching fixed blocks that a long step's
+# differently-sized tensors cannot reuse; set before torch first touches the GPU (an explicit setting wins).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from bench_step import StepConfig, fresh, measure, minqlora_model, minqlora_step, random_batch
-from minqlora.shapes import SHAPES, flops_per_token, shape_config
+import torch  # noqa: E402
+
+from bench_step import StepConfig, fresh, measure, minqlora_model, minqlora_step, random_batch  # noqa: E402
+from minqlora.shapes import SHAPES, flops_per_token, shape_config  # noqa: E402
 
 TARGETS = {"llama-3-70b": 16384, "llama-2-70b": 16384, "llama-3-8b": 131072, "tiny": 512}
 
@@ -57,6 +63,7 @@ class Tries:
     def __init__(self, model, config, device, cfg: StepConfig, steps: int, budget: float):
         self.model, self.config, self.device, self.cfg, self.steps = model, config, device, cfg, steps
         self.began, self.budget, self.rows = time.perf_counter(), budget, []
+        self.snapshot = False  # with --snapshot: record allocations during each try, summarise them at an OOM
 
     def refuse(self, length: int) -> str | None:
         """Why `length` is not tried (None: try it). Time grows about as T² (attention) from the last pass."""
@@ -79,6 +86,8 @@ class Tries:
             print(f"  T = {length:7d}: not tried ({why})", flush=True)
             return None
         batch = random_batch(self.config.vocab_size, 1, length, seed=length)
+        if self.snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
         tick = time.perf_counter()
         r = measure(lambda: minqlora_step(self.model, batch, self.device, self.cfg), self.device,
                     warmup=self.steps - 1, steps=1)
@@ -88,10 +97,33 @@ class Tries:
             row["tflops"] = 3 * flops_per_token(self.config, length) * row["tok_s"] / 1e12
             state = f"{row['tok_s']:9.1f} tok/s" + (f"  {row['peak_gb']:.2f} GB" if row["peak_gb"] else "")
         else:
-            state = "OOM"
+            state = f"OOM: {r['oom']}"
         print(f"  T = {length:7d}: {state}  ({row['wall_s']} s)", flush=True)
+        if not row["ok"] and self.snapshot:
+            row["live_at_oom"] = live_at_oom(self.snapshot)
+            for where, gb in row["live_at_oom"]:
+                print(f"      {gb:7.2f} GiB  {where}")
         self.rows.append(row)
         return row
+
+
+def live_at_oom(snapshot: bool, top: int = 12) -> list[tuple[str, float]]:
+    """The GiB held when the allocator gave up, by the innermost minqlora/benchmarks frame that allocated it.
+
+    torch's allocator, recording with stacks, keeps the last OOM's state: each segment's blocks, the live ones with
+    the Python frames of their allocation."""
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    held = Counter()
+    for seg in snap["segments"]:
+        for block in seg["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = [f for f in block.get("frames", ()) if "minqlora" in f["filename"] or "bench" in f["filename"]]
+            f = frames[0] if frames else None
+            where = f"{Path(f['filename']).name}:{f['line']} {f['name']}" if f else "(no Python frame)"
+            held[where] += block["size"] / 2**30
+    return [(w, round(g, 3)) for w, g in held.most_common(top)]
 
 
 def search(tries: Tries, start: int, resolution: int) -> None:
@@ -132,6 +164,8 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="the tiny shape (checks the search on a CPU)")
     ap.add_argument("--json", help="write the tries here")
+    ap.add_argument("--snapshot", action="store_true", help="on an OOM, print what held the GPU memory, by "
+                    "allocating line (records every allocation's Python stack: slower)")
     args = ap.parse_args()
     args.steps = args.steps or (1 if args.quick else 2)
 
@@ -144,7 +178,7 @@ def main() -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         if args.cap_gb * 2**30 > total:
             raise SystemExit(f"--cap-gb {args.cap_gb} exceeds the GPU's {total / 2**30:.1f} GiB")
-        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total, device)
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 2**30 / total, torch.cuda.current_device())
     cap = f"{args.cap_gb:g} GiB cap" if device.type == "cuda" else "no cap (CPU)"
     print(f"longest QLoRA step, {shape} shape, batch 1, {cap}, checkpointing {cfg.checkpointing}"
           f"{' + offload' if cfg.offload else ''}, loss chunk {cfg.loss_chunk}, torch {torch.__version__}")
@@ -154,6 +188,7 @@ def main() -> None:
     print(f"built in 4 bits in {time.perf_counter() - tick:.1f} s; the model holds {held:.2f} GB")
     fresh(device)
     tries = Tries(model, config, device, cfg, args.steps, args.time_budget)
+    tries.snapshot = args.snapshot and device.type == "cuda"
     if args.quick:
         for length in sorted(args.lengths or (target,)):
             row = tries.run(length)

@@ -13,7 +13,7 @@ backward. The modes trade that memory for recomputation:
 With offload, the kept inputs go to pinned host memory instead (Unsloth's trick): copied out on a side stream as
 forward passes, copied back in backward one block ahead of use, so the copies overlap with compute. Each residual
 half of a layer (attention, MLP) is then checkpointed on its own, and the MLP half, which is position-wise, runs in
-pieces of MLP_TILE tokens: the recomputation holds one half's activations (one piece's, for the MLP) at a time,
+pieces of mlp_tile() tokens: the recomputation holds one half's activations (one piece's, for the MLP) at a time,
 whatever the depth. That is the long-context mode; the price is host memory (2 · B · T · H · 2 bytes per layer)
 and PCIe traffic (16 MB per 1k tokens per layer on the 8B shape each way, hidden behind compute when prefetched).
 On a CPU the "host copy" is the tensor itself (no copy), so the same code path runs and is tested there.
@@ -37,9 +37,16 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 MODES = ("full", "selective", "none")
-# Tokens per piece of the offloaded MLP half (forward and recomputation): 16,384 × 14,336 × 2 B = 470 MB per
-# (T, intermediate) bf16 tensor on the Llama-3-8B shape, still large enough a GEMM to run at full speed.
-MLP_TILE = 16384
+# Elements of one (tokens, intermediate) tensor per piece of the offloaded MLP half (forward and recomputation):
+# 16,384 tokens × 14,336 on the Llama-3-8B shape, 8,192 × 28,672 on the 70B shapes, 470 MB in bf16 either way and
+# still GEMMs large enough to run at full speed. (A fixed 16,384 tokens put 70B's pieces at 940 MB: the 48 GiB
+# cap of issue 9 ran out of memory at 16k tokens on the H200.)
+MLP_TILE_ELEMENTS = 16384 * 14336
+
+
+def mlp_tile(intermediate_size: int) -> int:
+    """Tokens per piece of the offloaded MLP half: MLP_TILE_ELEMENTS / intermediate size."""
+    return max(1, MLP_TILE_ELEMENTS // max(intermediate_size, 1))
 _aten = torch.ops.aten
 # The fused attention kernels SDPA dispatches to (flash / memory-efficient / cuDNN on CUDA, flash on CPU). The math
 # fallback (masks on some backends) is plain matmuls and softmax, recomputed like everything else.
@@ -201,7 +208,7 @@ def checkpoint_layer(layer, x: torch.Tensor, cos, sin, mask, *, mode: str = "ful
     """A decoder layer (model.DecoderLayer) under checkpointing `mode` ("full" or "selective").
 
     Without an offloader: torch's checkpoint of the whole layer. With one (one per forward pass): each residual
-    half checkpointed on its own, its input kept in host memory, the MLP half in MLP_TILE-token pieces, so the
+    half checkpointed on its own, its input kept in host memory, the MLP half in mlp_tile()-token pieces, so the
     recomputation holds at most one half's activations (of one piece, for the MLP) at a time.
     """
     if offloader is None:
@@ -213,7 +220,8 @@ def checkpoint_layer(layer, x: torch.Tensor, cos, sin, mask, *, mode: str = "ful
                          "offload_checkpoints off")
     anchor = torch.empty(0, requires_grad=True)
     x = _OffloadedCheckpoint.apply(layer.attention_block, mode, 0, offloader, anchor, x, cos, sin, mask)
-    return _OffloadedCheckpoint.apply(layer.mlp_block, "full", MLP_TILE, offloader, anchor, x)
+    tile = mlp_tile(layer.mlp.down_proj.in_features)
+    return _OffloadedCheckpoint.apply(layer.mlp_block, "full", tile, offloader, anchor, x)
 
 
 def _no_contexts():

@@ -25,6 +25,7 @@ Linear4bit of a model (same bytes, so the same outputs). Leaves out: sharding an
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, replace
 
@@ -216,8 +217,50 @@ def check_shardable(model: nn.Module, world_size: int) -> None:
                              f"in_features divisible by {m.blocksize}); use --parallel ddp")
 
 
+class _FrozenIntegerParameter(type):
+    """Stands for nn.Parameter inside torch 2.11's FSDP2 module: isinstance checks go to nn.Parameter, and a call
+    with integer data makes a parameter that does not require grad (instead of raising)."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, nn.Parameter)
+
+    def __call__(cls, data=None, requires_grad=True):
+        if data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return nn.Parameter(data, requires_grad)
+
+
+class _FSDPParamNN:
+    """torch.nn, with Parameter replaced by the class above (everything else looked up in torch.nn)."""
+
+    class Parameter(metaclass=_FrozenIntegerParameter):
+        pass
+
+    def __getattr__(self, name):
+        return getattr(nn, name)
+
+
+def allow_integer_parameters() -> None:
+    """Let FSDP2 shard Packed4bit (uint8) parameters on torch versions that cannot.
+
+    torch 2.11's FSDPParam._init_sharded_param builds the sharded parameter as nn.Parameter(dtensor), which asks
+    for requires_grad=True, and only then sets requires_grad to the original's; for uint8 data the first step
+    raises "only Tensors of floating point dtype can require gradients" (found on the H200 machine's torch 2.11).
+    Later versions pass requires_grad=param.requires_grad into the constructor. On the older ones, the FSDP2
+    module's `nn` is swapped for a proxy whose Parameter does the same for integer data; floating-point parameters
+    take exactly the original path, and the swap is skipped where torch already passes requires_grad through."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    if isinstance(_fsdp_param.nn, _FSDPParamNN):
+        return
+    if "requires_grad=param.requires_grad" in inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param):
+        return
+    _fsdp_param.nn = _FSDPParamNN()
+
+
 def to_shardable(model: nn.Module) -> nn.Module:
     """Swap every Linear4bit of `model` for a ShardableLinear4bit over the same bytes, in place."""
+    allow_integer_parameters()
     for name, m in list(model.named_modules()):
         if isinstance(m, Linear4bit):
             model.set_submodule(name, ShardableLinear4bit(m).train(m.training))

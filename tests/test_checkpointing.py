@@ -51,11 +51,13 @@ def test_modes_give_the_same_loss_and_gradients(lora_model, mode, offload, keep_
 
 
 def test_offload_tiles_the_mlp_half(monkeypatch):
-    # Pieces of 16 tokens instead of 16,384: same loss and gradients as keeping everything (dropout 0: pieces draw
+    # Pieces of 16 tokens instead of 235M elements' worth: same loss and gradients as keeping everything (dropout 0: pieces draw
     # their masks in another order than one whole-tensor draw).
-    monkeypatch.setattr(checkpointing, "MLP_TILE", 16)
     torch.manual_seed(0)
     model = random_model("tiny", quantize="nf4", dtype=torch.float32)
+    assert (checkpointing.mlp_tile(14336), checkpointing.mlp_tile(28672)) == (16384, 8192)  # 8B, 70B: 470 MB pieces
+    monkeypatch.setattr(checkpointing, "MLP_TILE_ELEMENTS", 16 * model.config.intermediate_size)
+    assert checkpointing.mlp_tile(model.config.intermediate_size) == 16
     add_lora(model, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         for m in lora_modules(model).values():

@@ -248,6 +248,20 @@ def test_packed4bit_row_ops_and_forward():
         fsdp4bit.check_shardable(torch.nn.Sequential(q), 3)
 
 
+def test_fsdp2_parameter_proxy_freezes_integer_data_only():
+    """The stand-in for nn.Parameter that allow_integer_parameters gives torch 2.11's FSDP2 (fsdp4bit.py): integer
+    data becomes a frozen parameter instead of raising, floating-point data is untouched, isinstance still holds."""
+    P = fsdp4bit._FSDPParamNN().Parameter
+    packed = P(torch.zeros(4, dtype=torch.uint8))
+    assert type(packed) is torch.nn.Parameter and not packed.requires_grad and isinstance(packed, P)
+    assert P(torch.zeros(4)).requires_grad and not P(torch.zeros(4), requires_grad=False).requires_grad
+    assert not isinstance(torch.zeros(4), P) and fsdp4bit._FSDPParamNN().Module is torch.nn.Module
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8))  # what the proxy is for
+    fsdp4bit.allow_integer_parameters()  # swaps only where torch needs it; twice is harmless
+    fsdp4bit.allow_integer_parameters()
+
+
 # -- the real model -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

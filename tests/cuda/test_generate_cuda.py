@@ -118,7 +118,13 @@ def test_decoder_reuse_keeps_its_graph():
     assert len(decoder._runners) == 1  # one capture served all three calls
 
 
-def test_compile_tokens_equal_static():
+def test_compile_tokens_agree_with_static():
+    # Inductor fuses RMSNorm, RoPE and SwiGLU and keeps their intermediates in fp32, so its bf16 logits round
+    # differently from the eager kernels': the same near-tie rule as the readable loop (measured on the H200: the
+    # first difference at new token 5 of 24, at a near tie). In fp32 the tokens must be identical.
     model = model_on_gpu("nf4", torch.bfloat16, lora=True)
     ids, mask = prompts(4)
+    static = run(model, ids, mask, "static")
+    agree_until_near_tie(model, ids, mask, run(model, ids, mask, "compile", check_every=6), static, tol=0.25)
+    model = model_on_gpu("nf4", torch.float32, lora=True)
     assert torch.equal(run(model, ids, mask, "compile", check_every=6), run(model, ids, mask, "static"))

@@ -184,7 +184,7 @@ def test_wrappers_refuse_bad_input_on_cuda():
 
 
 _RAW_CHECKS = """
-import torch, minqlora
+import torch, minqlora, minqlora.ops  # the ops register when minqlora.ops is imported
 from minqlora import quant
 OPS = torch.ops.minqlora
 x = torch.randn(256, device="cuda")
