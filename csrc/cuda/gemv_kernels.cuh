@@ -13,7 +13,10 @@
 // - Decode is one shared-memory lookup per packed byte: a 256-entry table of both nibbles' values as a bf16x2 (or
 //   half2) register, replicated 32× so lane l always reads bank l (conflict-free; 32 KB). Weights enter the tensor
 //   cores as table values rounded to bf16 (≤ 2^-9 relative, the same bound as the reference's bf16 dequantized
-//   weight) or fp16 (≤ 2^-12); the scale and the sums stay fp32.
+//   weight) or fp16 (≤ 2^-12); the scale and the sums stay fp32. The table is written with 16-byte stores (four
+//   lane copies each): a CTA covers only 16-32 rows, so its build is a real share of the CTA's work.
+// - Each block scale is computed once per warp and chunk (lane L: row L % 16, block L / 16 of the chunk), loaded one
+//   chunk ahead, and handed to the four lanes of its row by shuffle.
 // - Split-K inside the CTA: 8 warps share 16·RT output rows, each warp takes a contiguous run of chunks; partial
 //   sums meet in shared memory and one pass writes y. No atomics, no workspace, one launch (CUDA-graph friendly),
 //   deterministic. The next chunk's weights and x are loaded before the current chunk is decoded.
@@ -135,13 +138,6 @@ __device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xro
   }
 }
 
-// The scale of quantization block `idx` (row·K/bs + block): float32 absmax, or decoded from its double-quant code
-// exactly as quant.dequantize_ref does: map[code] · absmax2[idx / nested_bs] + offset, each step rounded.
-__device__ __forceinline__ float block_scale(const Args& a, const float* map_s, int64_t idx) {
-  if (a.codes == nullptr) return __ldg(a.absmax + idx);
-  return __fadd_rn(__fmul_rn(map_s[__ldg(a.codes + idx)], __ldg(a.absmax2 + (idx >> a.log2_nested_bs))), a.offset);
-}
-
 // One lookup: the two values of packed byte i of w, as the A-operand register (low half = the high nibble = the
 // lower k). `lut` points at this lane's copy (table + lane).
 __device__ __forceinline__ uint32_t lookup(const uint32_t* lut, uint32_t w, int i) {
@@ -155,10 +151,15 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_kernel(const Args a) {
   uint32_t* table = smem;                                        // [256][32]
   float* map_s = reinterpret_cast<float*>(smem + kTableWords);   // [256]
   {
+    // Each warp writes the pairs of its 32 byte values, four bytes per step (4 × 32 lane copies = 512 contiguous
+    // bytes, conflict-free): 8 vector stores per thread instead of 32 scalar ones and 32 conversions.
     const float* codes = kGemvCodes[a.quant_type];
-    for (int i = threadIdx.x; i < kTableWords; i += kThreads) {
-      const int byte = i >> 5;
-      table[i] = pack_pair<T>(codes[byte >> 4], codes[byte & 15]);
+    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const int byte = w * 32 + s * 4 + (l >> 3);  // kWarps · 32 == 256 byte values
+      const uint32_t v = pack_pair<T>(codes[byte >> 4], codes[byte & 15]);
+      reinterpret_cast<uint4*>(table)[byte * 8 + (l & 7)] = make_uint4(v, v, v, v);
     }
     if (a.codes != nullptr) map_s[threadIdx.x] = a.map[threadIdx.x];  // kThreads == 256
   }
@@ -200,6 +201,39 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_kernel(const Args a) {
     xrows[nt] = static_cast<const uint16_t*>(a.x) + int64_t(tok_ok[nt] ? m : 0) * K;
   }
 
+  // Block scales, computed once per warp and chunk instead of by all four lanes of a row: lane L reads the raw
+  // scale of row (L & 15) of each row tile for block jj = (L >> 4) + 2·slot of the chunk (one block per chunk:
+  // lanes 16..31 repeat 0..15), decodes it, and the lanes that need it take it by shuffle.
+  constexpr int kSlots = NBPC == 4 ? 2 : 1;
+  int64_t s_base[RT];  // first block of this lane's scale row
+  bool s_row_ok[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int n = (blockIdx.x * RT + r) * kTileRows + (lane & 15);
+    s_row_ok[r] = n < N;
+    s_base[r] = int64_t(n < N ? n : 0) * blocks_per_row;
+  }
+  uint32_t s_code[RT][kSlots], s_code_next[RT][kSlots];
+  float s_val[RT][kSlots], s_val_next[RT][kSlots];  // absmax2 of the code's group, or the float32 absmax
+  auto load_scales = [&](int c, uint32_t (&code)[RT][kSlots], float (&val)[RT][kSlots]) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot) {
+        const int jj = NBPC == 1 ? 0 : (lane >> 4) + 2 * slot;
+        const int k0 = c * kChunk + jj * (kChunk / NBPC);
+        const bool ok = s_row_ok[r] && k0 < K;
+        const int64_t idx = s_base[r] + (ok ? (k0 >> a.log2_bs) : 0);
+        if (a.codes == nullptr) {
+          code[r][slot] = 0u;
+          val[r][slot] = ok ? __ldg(a.absmax + idx) : 0.0f;
+        } else {
+          code[r][slot] = ok ? __ldg(a.codes + idx) : 0u;
+          val[r][slot] = ok ? __ldg(a.absmax2 + (idx >> a.log2_nested_bs)) : 0.0f;
+        }
+      }
+  };
+
   float out[RT][NT][4];
 #pragma unroll
   for (int r = 0; r < RT; ++r)
@@ -225,14 +259,25 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_kernel(const Args a) {
   };
   if (c_begin < c_end) {
     load_w(c_begin, w);
+    load_scales(c_begin, s_code, s_val);
     if constexpr (kPrefetchX) load_x(c_begin, xv);
   }
 
   for (int c = c_begin; c < c_end; ++c) {
     if (c + 1 < c_end) {
       load_w(c + 1, w_next);
+      load_scales(c + 1, s_code_next, s_val_next);
       if constexpr (kPrefetchX) load_x(c + 1, xv_next);
     }
+    // This lane's scales for the chunk: float32 absmax, or decoded from the double-quant code exactly as
+    // quant.dequantize_ref does, map[code] · absmax2[idx / nested_bs] + offset, each step rounded.
+    float s_mine[RT][kSlots];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot)
+        s_mine[r][slot] = a.codes == nullptr ? s_val[r][slot]
+                                             : __fadd_rn(__fmul_rn(map_s[s_code[r][slot]], s_val[r][slot]), a.offset);
     if constexpr (!kPrefetchX) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(xv[nt], xrows[nt], tok_ok[nt], c, t, K);
@@ -241,7 +286,6 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_kernel(const Args a) {
     for (int j = 0; j < NBPC; ++j) {
       const int k0 = c * kChunk + j * (kChunk / NBPC);
       if (k0 >= K) break;  // warp-uniform: the tail chunk holds fewer blocks
-      const int kb = k0 >> a.log2_bs;
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         float acc[NT][4];
@@ -261,8 +305,9 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_kernel(const Args a) {
             }
           }
         }
-        const float s0 = row_ok[r][0] ? block_scale(a, map_s, int64_t(row_idx[r][0]) * blocks_per_row + kb) : 0.f;
-        const float s1 = row_ok[r][1] ? block_scale(a, map_s, int64_t(row_idx[r][1]) * blocks_per_row + kb) : 0.f;
+        // rows g and g + 8 of block j: value j·16 + row, held by lane (j·16 + row) % 32 in slot j / 2
+        const float s0 = __shfl_sync(0xffffffffu, s_mine[r][kSlots == 2 ? j >> 1 : 0], (j * 16 + g) & 31);
+        const float s1 = __shfl_sync(0xffffffffu, s_mine[r][kSlots == 2 ? j >> 1 : 0], (j * 16 + g + 8) & 31);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           out[r][nt][0] = fmaf(s0, acc[nt][0], out[r][nt][0]);
@@ -274,11 +319,14 @@ __global__ void __launch_bounds__(kThreads) gemv_4bit_kernel(const Args a) {
     }
     if (c + 1 < c_end) {
 #pragma unroll
-      for (int r = 0; r < RT; ++r)
+      for (int r = 0; r < RT; ++r) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int q = 0; q < 4; ++q) w[r][h][q] = w_next[r][h][q];
+#pragma unroll
+        for (int slot = 0; slot < kSlots; ++slot) s_code[r][slot] = s_code_next[r][slot], s_val[r][slot] = s_val_next[r][slot];
+      }
       if constexpr (kPrefetchX) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
