@@ -181,7 +181,7 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _install(m: nn.Module, name: str, kind: str, tensors: dict, source, *, quantize, double_quant, blocksize,
-             compute_dtype, dtype, quant_storage) -> nn.Module:
+             compute_dtype, dtype, quant_storage, shard=None) -> nn.Module:
     """Put the tensors read for module `name` in place. Returns `m` with its parameters replaced ("plain"), or the
     module that replaces it: a Linear4bit ("quantize", "bnb"), or an nn.Linear dequantized from bnb bytes."""
     if kind == "plain":
@@ -189,6 +189,14 @@ def _install(m: nn.Module, name: str, kind: str, tensors: dict, source, *, quant
             m._parameters[p] = nn.Parameter(tensors[f"{name}.{p}"], requires_grad=old.requires_grad)
         return m
     w, bias = f"{name}.weight", tensors.get(f"{name}.bias")
+    bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+    if kind == "quantize" and shard is not None:
+        from . import fsdp4bit  # torch.distributed only where it is used
+        try:
+            packed = fsdp4bit.quantize_rows(tensors[w], m.out_features, shard, blocksize, quantize, double_quant)
+        except ValueError as e:
+            raise ValueError(f"{source.where(w)}: '{w}': {e}") from None
+        return fsdp4bit.ShardableLinear4bit(weight=packed, compute_dtype=compute_dtype, bias=bias)
     try:
         if kind == "quantize":
             packed, state = ops.quantize_4bit(tensors[w], blocksize, quantize, double_quant,
@@ -202,12 +210,12 @@ def _install(m: nn.Module, name: str, kind: str, tensors: dict, source, *, quant
     except (KeyError, ValueError) as e:  # NaN/Inf weights, inconsistent bnb state, a shape against the config
         raise ValueError(f"{source.where(w)}: '{w}': {e}") from None
     if bias is not None:
-        new.bias = nn.Parameter(bias, requires_grad=False)
+        new.bias = bias
     if kind == "bnb" and quantize is None:
         lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device="meta")
         lin.weight = nn.Parameter(new.dequantize(dtype))
         if bias is not None:
-            lin.bias = nn.Parameter(bias)
+            lin.bias = nn.Parameter(bias.detach(), requires_grad=True)
         return lin
     return new
 
@@ -227,7 +235,7 @@ def native_dtype(device) -> torch.dtype:
 def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = True, blocksize: int = 64,
                     device="cpu", dtype: torch.dtype | None = torch.bfloat16,
                     compute_dtype: torch.dtype | None = None, progress: bool = False,
-                    quant_storage: torch.dtype = torch.uint8) -> Llama:
+                    quant_storage: torch.dtype = torch.uint8, shard=None) -> Llama:
     """A Llama from an HF directory (config.json + safetensors, sharded or not), a bnb-4bit directory, or a GGUF file.
 
     quantize: "nf4"/"fp4" turns the seven projections of every decoder layer into Linear4bit (embedding, norms and
@@ -237,7 +245,10 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
     checkpoint's torch_dtype). compute_dtype: the Linear4bit matmul dtype (default: dtype). progress: a tqdm bar
     over the tensor groups (for the CLI). quant_storage: the dtype newly quantized weights hold their packed bytes
     as (uint8, or a bfloat16/float16/float32 view as FSDP-era bitsandbytes checkpoints store them); pre-quantized
-    weights keep the dtype they were stored in.
+    weights keep the dtype they were stored in. shard: a fsdp4bit.RowShard (FSDP2 ranks, Parallel.row_shard):
+    each projection to quantize is read and quantized for this rank's rows only, as a partial
+    fsdp4bit.ShardableLinear4bit that only Parallel.wrap(model) under --parallel fsdp2 makes usable; host memory
+    and quantizing work per rank are then 1/world of a projection (pre-quantized checkpoints load whole).
     """
     path = Path(path)
     if not path.exists():
@@ -270,7 +281,7 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
         return key
 
     for group in tqdm(_groups(model), desc=f"loading {path.name}", unit="group", disable=not progress):
-        plan, to_read, raw = [], [], set()
+        plan, to_read, raw, rows = [], [], set(), {}
         for name, m in group:
             w = f"{name}.weight"
             if w in bnb_parts:  # pre-quantized: packed bytes and state tensors are read as stored
@@ -278,6 +289,8 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
                 raw.update(names)
             elif quantize and isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS:
                 kind, names = "quantize", [need(w, m.weight.shape)]
+                if shard is not None:
+                    rows[w] = shard.rows(m.out_features, m.in_features, blocksize, name)
             else:
                 kind, names = "plain", []
             names += [need(f"{name}.{p}", t.shape) for p, t in m.named_parameters(recurse=False)
@@ -290,12 +303,15 @@ def load_pretrained(path, quantize: str | None = "nf4", double_quant: bool = Tru
                 return t.to(device, copy=True)  # bnb buffers keep their dtypes: bytes, not values
             if not t.is_floating_point():
                 raise ValueError(f"{source.where(key)}: '{key}' has dtype {t.dtype}, expected a floating-point weight")
+            if key in rows:
+                t = t[rows[key]]  # this rank's rows: only their pages of the memory map are read
             return t.to(device, dtype, copy=True)  # a copy: never alias the memory map
 
         tensors = source.read(to_read, convert)  # one group of 16-bit tensors in memory at a time
         for name, m, kind in plan:
             new = _install(m, name, kind, tensors, source, quantize=quantize, double_quant=double_quant,
-                           blocksize=blocksize, compute_dtype=compute_dtype, dtype=dtype, quant_storage=quant_storage)
+                           blocksize=blocksize, compute_dtype=compute_dtype, dtype=dtype, quant_storage=quant_storage,
+                           shard=shard)
             if new is not m:
                 _swap(model, name, new)
         del tensors

@@ -21,8 +21,12 @@ method is the identity. The pieces, each PyTorch's own engine:
 Evaluation shards its batches the same way (sft.evaluate) and sums the losses over ranks.
 
 Leaves out: multi-node launch details (torchrun's), tensor/pipeline/sequence parallelism, hybrid sharding, CPU
-offload, re-sharding a checkpoint for another number of ranks, and quantizing only a rank's own shard when loading
-(each rank loads and quantizes the whole base, then FSDP2 keeps its shard: the peak is the whole 4-bit model).
+offload, and re-sharding a checkpoint for another number of ranks.
+
+Loading for FSDP2 (sft.run): each rank reads and quantizes only its own rows of every projection (row_shard,
+fsdp4bit.quantize_rows), so no rank ever holds another's share of the 4-bit base; the 16-bit rest (embedding,
+norms, head) loads whole on every rank. A model loaded whole (a pre-quantized checkpoint, or one built in memory)
+is sharded by wrap() instead: every rank then holds the whole 4-bit model until fully_shard keeps its share.
 """
 
 from __future__ import annotations
@@ -112,6 +116,19 @@ class Parallel:
         t = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(t)
         return bool(t.item())  # SYNC
+
+    def row_shard(self) -> "fsdp4bit.RowShard | None":
+        """What load_pretrained(shard=...) takes under --parallel fsdp2 (None otherwise): this rank's rows of every
+        projection, and an all_gather for the one non-local step of quantizing them (fsdp4bit.quantize_rows)."""
+        if self.mode != "fsdp2":
+            return None
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            parts = [torch.empty_like(t) for _ in range(self.world_size)]
+            dist.all_gather(parts, t.contiguous())
+            return torch.cat(parts)
+
+        return fsdp4bit.RowShard(self.rank, self.world_size, gather)
 
     # -- wrapping the model ------------------------------------------------------------------------------------
     def wrap(self, model: nn.Module):

@@ -28,12 +28,14 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import ops
 from .linear4bit import Linear4bit
+from . import quant
 from .quant import QuantState
 
 aten = torch.ops.aten
@@ -56,14 +58,15 @@ class Packed4bit(torch.Tensor):
     """Rows of a 4-bit weight: outer shape (rows, in_features) uint8; inner tensors `codes` and `absmax`."""
 
     @staticmethod
-    def __new__(cls, codes: torch.Tensor, absmax: torch.Tensor, meta: Meta4bit, shape=None):
+    def __new__(cls, codes: torch.Tensor, absmax: torch.Tensor, meta: Meta4bit, shape=None, start: int = 0):
         rows = codes.numel() * 2 // meta.in_features
         shape = torch.Size(shape if shape is not None else (rows, meta.in_features))
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.uint8, device=codes.device,
                                                    requires_grad=False)
 
-    def __init__(self, codes, absmax, meta, shape=None):
-        self.codes, self.absmax, self.meta = codes, absmax, meta
+    def __init__(self, codes, absmax, meta, shape=None, start: int = 0):
+        # start: a partial weight (quantize_rows) holds only rows [start, start + rows) of its outer shape
+        self.codes, self.absmax, self.meta, self.start = codes, absmax, meta, start
 
     @classmethod
     def from_linear4bit(cls, lin: Linear4bit) -> "Packed4bit":
@@ -74,7 +77,12 @@ class Packed4bit(torch.Tensor):
 
     @property
     def rows(self) -> int:
+        """Rows held (the outer shape's first dim, except for a partial weight)."""
         return self.codes.numel() * 2 // self.meta.in_features
+
+    @property
+    def partial(self) -> bool:
+        return self.rows != self.shape[0]
 
     def quant_state(self) -> QuantState:
         m = self.meta
@@ -83,16 +91,23 @@ class Packed4bit(torch.Tensor):
                           nested_map=m.nested_map, nested_offset=m.nested_offset)
 
     def __repr__(self) -> str:
-        return f"Packed4bit(rows={self.rows}, in_features={self.meta.in_features}, {self.meta.quant_type})"
+        held = f"rows {self.start}..{self.start + self.rows} of {self.shape[0]}" if self.partial else f"rows={self.rows}"
+        return f"Packed4bit({held}, in_features={self.meta.in_features}, {self.meta.quant_type})"
 
     # -- torch.compile / FSDP tracing: the subclass flattens to its two inner tensors
     def __tensor_flatten__(self):
-        return ["codes", "absmax"], (self.meta, tuple(self.shape))
+        return ["codes", "absmax"], (self.meta, tuple(self.shape), self.start)
 
     @staticmethod
     def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
-        meta, shape = ctx
-        return Packed4bit(inner["codes"], inner["absmax"], meta, shape)
+        meta, shape, start = ctx
+        return Packed4bit(inner["codes"], inner["absmax"], meta, shape, start)
+
+    def _placeholder(self, rows: int) -> "Packed4bit":
+        """`rows` rows that no tensor holds (meta inner tensors): another rank's chunk of a partial weight."""
+        m = self.meta
+        return Packed4bit(torch.empty(rows * m.in_features // 2, dtype=torch.uint8, device="meta"),
+                          torch.empty(rows * m.in_features // m.blocksize, dtype=self.absmax.dtype, device="meta"), m)
 
     def _rows(self, start: int, stop: int) -> "Packed4bit":
         """Rows [start, stop) as views of this tensor's storage."""
@@ -116,21 +131,33 @@ class Packed4bit(torch.Tensor):
         kwargs = kwargs or {}
         x = args[0]
         if func in (aten.detach.default, aten.alias.default):
-            return Packed4bit(x.codes, x.absmax, x.meta, x.shape)
+            return Packed4bit(x.codes, x.absmax, x.meta, x.shape, x.start)
         if func is aten.split.Tensor:  # torch.chunk(w, world_size) in fully_shard
             size, dim = args[1], (args[2] if len(args) > 2 else kwargs.get("dim", 0))
             _check_dim0(func, dim)
-            return [x._rows(a, min(a + size, x.rows)) for a in range(0, x.rows, size)]
-        if func is aten.slice.Tensor:  # narrow(0, start, length)
-            dim, start, end = (list(args[1:4]) + [0, None, None][len(args) - 1:])[:3]
-            _check_dim0(func, dim)
-            start, end = start or 0, x.rows if end is None else min(end, x.rows)
-            return x._rows(start, end)
+            n = x.shape[0]
+            if not x.partial:
+                return [x._rows(a, min(a + size, n)) for a in range(0, n, size)]
+            # A partial weight holds exactly one chunk, this rank's; FSDP2 keeps that one and reads only the
+            # others' sizes.
+            if x.start % size or x.rows != min(size, n - x.start):
+                raise ValueError(f"{x!r} does not hold one whole chunk of {size} rows (quantize_rows made it for "
+                                 "another number of ranks)")
+            return [x._rows(0, x.rows) if a == x.start else x._placeholder(min(a + size, n) - a)
+                    for a in range(0, n, size)]
         if func is aten.new_zeros.default:
             rows = args[1][0]
             return Packed4bit(torch.zeros(rows * x.meta.in_features // 2, dtype=torch.uint8, device=x.codes.device),
                               torch.zeros(rows * x.meta.in_features // x.meta.blocksize, dtype=x.absmax.dtype,
                                           device=x.absmax.device), x.meta)
+        if x.partial:  # FSDP2 asks a parameter for its chunks and for fresh zeros, no more
+            raise NotImplementedError(f"{x!r} is partial (this rank's rows only): FSDP2 shards it (distributed.py), "
+                                      f"nothing else may use it; {func} asked")
+        if func is aten.slice.Tensor:  # narrow(0, start, length)
+            dim, start, end = (list(args[1:4]) + [0, None, None][len(args) - 1:])[:3]
+            _check_dim0(func, dim)
+            start, end = start or 0, x.rows if end is None else min(end, x.rows)
+            return x._rows(start, end)
         if func is aten.copy_.default:
             src = args[1]
             if not isinstance(src, Packed4bit) or src.codes.shape != x.codes.shape:
@@ -187,14 +214,22 @@ def _check_dim0(func, dim) -> None:
 class ShardableLinear4bit(nn.Module):
     """Linear4bit's y = x · dequant(W)ᵀ + b with W in one Packed4bit parameter (frozen), so FSDP2 shards it."""
 
-    def __init__(self, lin: Linear4bit):
+    def __init__(self, lin: Linear4bit | None = None, *, weight: Packed4bit | None = None, compute_dtype=None,
+                 bias: nn.Parameter | None = None):
+        """From a Linear4bit (same bytes), or from a Packed4bit weight (quantize_rows: this rank's rows only)."""
         super().__init__()
-        self.in_features, self.out_features, self.compute_dtype = lin.in_features, lin.out_features, lin.compute_dtype
-        self.weight = nn.Parameter(Packed4bit.from_linear4bit(lin), requires_grad=False)
-        self.bias = lin.bias
+        if lin is not None:
+            weight, compute_dtype, bias = Packed4bit.from_linear4bit(lin), lin.compute_dtype, lin.bias
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight  # the whole weight: FSDP2 gathered it before this layer's forward (and again for backward)
+        if isinstance(w, Packed4bit) and w.partial:
+            raise RuntimeError(f"this layer holds one rank's rows of its 4-bit weight ({w!r}); run it under "
+                               "--parallel fsdp2 (distributed.Parallel.wrap) or load the model without a RowShard")
         y = ops.gemm_4bit(x.to(self.compute_dtype), w.codes.view(-1, 1), w.quant_state())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -207,6 +242,11 @@ class ShardableLinear4bit(nn.Module):
 def check_shardable(model: nn.Module, world_size: int) -> None:
     """Every Linear4bit must split into world_size equal runs of rows holding whole quantization blocks."""
     for name, m in model.named_modules():
+        if isinstance(m, ShardableLinear4bit) and isinstance(m.weight, Packed4bit) and m.weight.partial:
+            if m.weight.rows * world_size != m.out_features:
+                raise ValueError(f"--parallel fsdp2: {name} was loaded as {m.weight!r}, a share for "
+                                 f"{m.out_features // m.weight.rows} ranks, but this run has {world_size}")
+            continue
         if not isinstance(m, Linear4bit):
             continue
         rows = m.out_features // world_size
@@ -215,6 +255,45 @@ def check_shardable(model: nn.Module, world_size: int) -> None:
                              f"cannot be split into {world_size} shards of whole rows and whole quantization blocks "
                              f"(needs out_features divisible by {world_size} and out_features/{world_size} x "
                              f"in_features divisible by {m.blocksize}); use --parallel ddp")
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """One rank's share when loading for FSDP2: rows [rank·N/world, (rank+1)·N/world) of every 4-bit projection,
+    the run of rows FSDP2 keeps on that rank. gather(t) returns every rank's equal-size t concatenated in rank
+    order (an all_gather; Parallel.row_shard makes it)."""
+
+    rank: int
+    world: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+    def rows(self, out_features: int, in_features: int, blocksize: int, name: str = "weight") -> slice:
+        per = out_features // self.world
+        if out_features % self.world or (per * in_features) % blocksize or in_features % 2:
+            raise ValueError(f"--parallel fsdp2: {name} ({out_features}x{in_features}, blocksize {blocksize}) cannot "
+                             f"be split into {self.world} shards of whole rows and whole quantization blocks; use "
+                             "--parallel ddp")
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+def quantize_rows(w: torch.Tensor, out_features: int, shard: RowShard, blocksize: int = 64,
+                  quant_type: str = "nf4", double_quant: bool = True) -> Packed4bit:
+    """This rank's rows w (N/world, K) of an (N, K) weight, quantized to the bytes the whole weight would get.
+
+    4-bit codes and first-level absmax are per block, and blocks lie inside the rank's rows: computed here alone.
+    Double quantization is not local (its offset is the mean of the whole absmax vector, its 256-block groups may
+    straddle ranks), so the ranks all-gather their float32 absmax (1/16 byte per weight) and each runs the same
+    double quantization on the whole vector, keeping its own codes: byte for byte the one-process result."""
+    packed, absmax = ops.quantize_4bit_raw(w, blocksize, quant_type)
+    quant.check_finite_absmax(absmax)
+    nested = nested_map = None
+    offset = 0.0
+    if double_quant:
+        codes, nested, nested_map, offset = ops.double_quantize(shard.gather(absmax))
+        absmax = codes[shard.rank * absmax.numel():(shard.rank + 1) * absmax.numel()].clone()
+    meta = Meta4bit(w.shape[1], blocksize, quant_type, w.dtype, nested, nested_map, offset)
+    return Packed4bit(packed.view(-1), absmax, meta, shape=(out_features, w.shape[1]),
+                      start=shard.rank * w.shape[0])
 
 
 class _FrozenIntegerParameter(type):

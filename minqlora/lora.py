@@ -33,12 +33,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import safetensors_io
+from .fsdp4bit import ShardableLinear4bit
 from .linear4bit import Linear4bit
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # peft's PeftModel -> LoraModel -> the wrapped model
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What an adapter can wrap: 16-bit, 4-bit, and a 4-bit layer loaded as one FSDP2 rank's rows (fsdp4bit.py)
+BASE_TYPES = (nn.Linear, Linear4bit, ShardableLinear4bit)
 Targets = Union[Sequence[str], str]  # names matched by suffix, or one regular expression over the whole name (peft)
 
 # What peft writes to adapter_config.json for a plain LoRA, at its defaults: the fields of peft 0.7-0.8. peft before
@@ -73,7 +76,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        if not isinstance(base, (nn.Linear, Linear4bit)):
+        if not isinstance(base, BASE_TYPES):
             raise TypeError(f"LoRALinear wraps nn.Linear or Linear4bit, got {type(base).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
@@ -117,6 +120,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge(): already merged")
         base, delta = self.base_layer, self.delta_weight()
+        if isinstance(base, ShardableLinear4bit):
+            raise ValueError("merge() of an FSDP2-sharded 4-bit base is not supported: save the adapter and merge "
+                             "in one process (minqlora merge)")
         if isinstance(base, nn.Linear):
             if requantize:
                 raise ValueError("merge(requantize=True) applies to a Linear4bit base; this base is an nn.Linear")
@@ -186,7 +192,7 @@ def match_targets(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
                          f"{targets!r}")
     named = list(_named_modules_outside_lora(model))
     found = {name: m for name, m in named if _target_matches(name, targets)}
-    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, (nn.Linear, Linear4bit))})
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in named if isinstance(m, BASE_TYPES)})
     if isinstance(targets, str):
         missing = [] if found else [targets]
     else:
@@ -195,7 +201,7 @@ def match_targets(model: nn.Module, targets: Targets) -> dict[str, nn.Module]:
         raise ValueError(f"LoRA targets {missing} match no module of {type(model).__name__}; its linear layers are "
                          f"named {linear_names}")
     for name, m in found.items():
-        if not isinstance(m, (nn.Linear, Linear4bit, LoRALinear)):
+        if not isinstance(m, (*BASE_TYPES, LoRALinear)):
             raise ValueError(f"LoRA target module '{name}' is a {type(m).__name__}; only nn.Linear and Linear4bit "
                              "can carry an adapter")
     return found

@@ -145,13 +145,19 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
         quant.check_finite_absmax(absmax)
     state = QuantState(absmax=absmax, shape=x.shape, dtype=x.dtype, blocksize=blocksize, quant_type=quant_type)
     if double_quant:
-        # Same steps as quant.double_quantize_ref; the mean is torch's, as bitsandbytes', so offsets agree exactly.
-        offset = quant.absmax_offset(absmax)
-        state.absmax, state.nested_absmax = quantize_blockwise_8bit(absmax - offset, quant.DYNAMIC_SIGNED.to(x.device),
-                                                                    quant.NESTED_BLOCKSIZE)
-        state.nested_map = quant.DYNAMIC_SIGNED.to(x.device, copy=True)  # each state (layer) its own table
-        state.nested_offset = float(offset)  # one host sync; the offset is a Python float in the bnb JSON
+        state.absmax, state.nested_absmax, state.nested_map, state.nested_offset = double_quantize(absmax)
     return packed, state
+
+
+def double_quantize(absmax: torch.Tensor):
+    """QLoRA §3 on a float32 absmax vector (B,): (codes (B,) uint8, nested_absmax float32, nested_map (256,),
+    offset float). Same steps as quant.double_quantize_ref; the mean is torch's, as bitsandbytes', so offsets agree
+    exactly. The map is a fresh copy: each state (layer) owns its table."""
+    offset = quant.absmax_offset(absmax)
+    codes, nested = quantize_blockwise_8bit(absmax - offset, quant.DYNAMIC_SIGNED.to(absmax.device),
+                                            quant.NESTED_BLOCKSIZE)
+    # float(offset): one host sync; the offset is a Python float in the bnb JSON
+    return codes, nested, quant.DYNAMIC_SIGNED.to(absmax.device, copy=True), float(offset)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

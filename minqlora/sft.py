@@ -350,7 +350,9 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
 def run(config: TrainConfig) -> dict:
     """Load config.model (quantized per config.quantize) and its tokenizer onto config.device, then train()."""
     device = distributed.rank_device(config.device, config.parallel)
-    model = load_pretrained(config.model, quantize=config.quantize, device=device)
+    # Ranks join before loading: under FSDP2 each quantizes only its own rows (train() reuses the group).
+    par = distributed.setup(config.parallel, device, config.dist_backend, config.dist_timeout)
+    model = load_pretrained(config.model, quantize=config.quantize, device=device, shard=par.row_shard())
     source = Path(config.tokenizer or config.model)
     if source.is_file() and gguf_io is None:
         raise ImportError(f"{source} is a GGUF file: its tokenizer needs the `gguf` package (pip install "

@@ -45,7 +45,8 @@ from minqlora.cli_commands import load_tokenizer
 from minqlora.sft import TrainConfig, train
 
 torch.set_num_threads(1)
-configs, kill_rank, kill_at = [TrainConfig(**c) for c in json.loads(sys.argv[1])], int(sys.argv[2]), int(sys.argv[3])
+specs, kill_rank, kill_at = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+configs = [TrainConfig(**{k: v for k, v in c.items() if k != "load_rows"}) for c in specs]
 rank, calls = int(os.environ.get("RANK", 0)), 0
 
 def hook(module, args):  # counts training forwards of the decoder stack; SIGKILLs rank kill_rank at call kill_at
@@ -61,8 +62,14 @@ tokenizer = load_tokenizer(first.model, first.tokenizer)
 device = distributed.rank_device(first.device, first.parallel)
 base = load_pretrained(first.model, quantize="nf4", device=device, dtype=torch.float32)  # fp32 throughout
 try:
-    for config in configs:  # one after another in the same process group, each on a fresh copy of the base
-        train(copy.deepcopy(base), tokenizer, config)
+    for spec, config in zip(specs, configs):  # one after another in the same process group
+        if spec.get("load_rows"):  # as sft.run loads for FSDP2: each rank quantizes only its own rows
+            par = distributed.setup(config.parallel, device, config.dist_backend, config.dist_timeout)
+            model = load_pretrained(first.model, quantize="nf4", device=device, dtype=torch.float32,
+                                    shard=par.row_shard())
+        else:
+            model = copy.deepcopy(base)  # a fresh copy of the base loaded whole
+        train(model, tokenizer, config)
 finally:
     distributed.shutdown()
 """
@@ -128,13 +135,14 @@ def check_ok(proc) -> None:
 def runs(tiny):
     """One process at batch 4; then DDP and FSDP2, 2 ranks at batch 2 each, in one torchrun launch."""
     check_ok(launch(tiny, [settings(tiny, "one", "none", batch=4)]))
-    check_ok(launch(tiny, [settings(tiny, mode, mode, batch=2) for mode in ("ddp", "fsdp2")], ranks=2))
+    check_ok(launch(tiny, [settings(tiny, mode, mode, batch=2) for mode in ("ddp", "fsdp2")]
+                    + [settings(tiny, "fsdp2-rows", "fsdp2", batch=2, load_rows=True)], ranks=2))
     return tiny
 
 
 def test_ddp_and_fsdp2_match_one_process(runs):
     tiny = runs
-    for mode in ("ddp", "fsdp2"):
+    for mode in ("ddp", "fsdp2", "fsdp2-rows"):  # fsdp2-rows: each rank loaded and quantized only its rows
         assert_same_adapter(tiny / mode, tiny / "one")
         torch.testing.assert_close(losses(tiny / mode), losses(tiny / "one"), rtol=2e-5, atol=0)
         # rank 0 alone wrote: one metrics line per step and evaluation, one checkpoint per saving step
@@ -142,6 +150,7 @@ def test_ddp_and_fsdp2_match_one_process(runs):
         assert sorted(p.name for p in (tiny / mode / "checkpoints").iterdir()) == ["step-00000002",
                                                                                    "step-00000003"]
     assert_same_adapter(tiny / "fsdp2", tiny / "ddp")
+    assert_same_adapter(tiny / "fsdp2-rows", tiny / "fsdp2", rtol=0)  # the same bytes, the same arithmetic
 
 
 def test_killed_rank_ends_the_run_and_resumes_with_the_same_ranks(runs):
@@ -177,8 +186,9 @@ def test_fsdp2_refuses_layers_it_cannot_shard(tiny):
                                       "--seq-len", "32", "--no-progress"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
-    assert ("--parallel fsdp2: model.layers.0.self_attn.q_proj.base_layer (40x40, blocksize 64) cannot be split "
-            "into 2 shards") in proc.stderr, proc.stderr[-3000:]
+    # found while loading: each rank would quantize only its own rows (sft.run, fsdp4bit.RowShard)
+    assert ("--parallel fsdp2: model.layers.0.self_attn.q_proj (40x40, blocksize 64) cannot be split into 2 "
+            "shards") in proc.stderr, proc.stderr[-3000:]
     assert not (tiny / "bad" / ADAPTER_DIR / WEIGHTS_NAME).exists()
 
 
@@ -246,6 +256,35 @@ def test_packed4bit_row_ops_and_forward():
         assert torch.equal(shardable(x), q(x))
     with pytest.raises(ValueError, match="cannot be split into 3 shards"):
         fsdp4bit.check_shardable(torch.nn.Sequential(q), 3)
+
+
+def test_quantize_rows_gives_the_one_process_bytes():
+    """Two ranks' quantize_rows of a 12 x 128 weight: 12 blocks of 64 each, so double quantization's one 256-block
+    group spans both ranks (the gathered absmax makes it exact)."""
+    torch.manual_seed(0)
+    w = torch.randn(12, 128)
+    packed, state = fsdp4bit.ops.quantize_4bit(w, 64, "nf4", True)
+    whole = torch.cat([fsdp4bit.ops.quantize_4bit_raw(w[r * 6:(r + 1) * 6], 64, "nf4")[1] for r in range(2)])
+    for r in range(2):
+        shard = fsdp4bit.RowShard(r, 2, lambda t: whole)  # what the all-gather hands every rank
+        assert shard.rows(12, 128, 64) == slice(6 * r, 6 * r + 6)
+        p = fsdp4bit.quantize_rows(w[shard.rows(12, 128, 64)], 12, shard)
+        assert p.partial and p.shape == (12, 128) and p.start == 6 * r and p.rows == 6
+        assert torch.equal(p.codes, packed.view(-1)[384 * r:384 * (r + 1)])
+        assert torch.equal(p.absmax, state.absmax[12 * r:12 * (r + 1)])
+        assert torch.equal(p.meta.nested_absmax, state.nested_absmax) and p.meta.nested_offset == state.nested_offset
+        chunks = torch.chunk(p, 2)  # what fully_shard does: this rank's chunk is the real one
+        assert torch.equal(chunks[r].codes, p.codes) and chunks[1 - r].codes.is_meta and chunks[1 - r].rows == 6
+        with pytest.raises(ValueError, match="one whole chunk"):
+            torch.chunk(p, 3)  # a share made for two ranks
+        with pytest.raises(RuntimeError, match="holds one rank's rows"):
+            fsdp4bit.ShardableLinear4bit(weight=p, compute_dtype=torch.float32)(torch.randn(2, 128))
+        with pytest.raises(NotImplementedError, match="partial"):
+            p.clone()
+        with pytest.raises(ValueError, match="a share for 2 ranks, but this run has 3"):
+            fsdp4bit.check_shardable(torch.nn.Sequential(fsdp4bit.ShardableLinear4bit(weight=p)), 3)
+    with pytest.raises(ValueError, match=r"q \(12x128, blocksize 64\) cannot be split into 5 shards"):
+        fsdp4bit.RowShard(0, 5, None).rows(12, 128, 64, "q")
 
 
 def test_fsdp2_parameter_proxy_freezes_integer_data_only():
