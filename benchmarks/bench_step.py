@@ -282,6 +282,27 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     print(f"frontier plot written to {path}")
 
 
+def profile_steps(config, batch_shape, device, configs, rows: int) -> None:
+    """torch.profiler over one step (after one untimed) of each configuration: the ops that take the device's time."""
+    from torch.profiler import ProfilerActivity, profile
+    model = minqlora_model(config, device)
+    batch = random_batch(config.vocab_size, *batch_shape, seed=0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for cfg in configs:
+        step, free = minqlora_step(model, batch, device, cfg)
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        with profile(activities=activities) as prof:
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        free()
+        print(f"\n==== profile: {cfg.name}, batch {batch_shape[0]} x {batch_shape[1]} ====")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def parse_batch(text: str) -> tuple[int, int]:
     try:
         b, t = (int(v) for v in text.lower().split("x"))
@@ -307,6 +328,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write the tok/s-against-peak-GB plot here (PNG; needs matplotlib)")
     ap.add_argument("--from", dest="from_json", help="with --plot: redraw from a --json file, run nothing")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS", help="instead of timing: torch.profiler over "
+                    "one step of each --configs at the first --batch, printing the ROWS ops of most device time")
     args = ap.parse_args()
 
     if args.from_json:
@@ -328,6 +351,9 @@ def main() -> None:
            + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
     print(f"QLoRA step, {shape} shape ({config.num_hidden_layers} layers), r={R} alpha={ALPHA} dropout={DROPOUT}, "
           f"{env}; median of {steps} after {warmup} warmup")
+    if args.profile:
+        profile_steps(config, batches[0], device, configs, args.profile)
+        return
     rows = run_shape(shape, config, batches, device, configs, sides, warmup, steps)
     print()
     print("\n".join(summary(rows)))
