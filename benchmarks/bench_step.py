@@ -95,47 +95,42 @@ def minqlora_model(shape, device: torch.device):
     return model
 
 
+def optimizer_step(loss_fn, params, opt):
+    """(step, free): step runs loss_fn().backward(), clipping, the optimizer; free drops the optimizer's state."""
+
+    def step():
+        loss_fn().backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def free():
+        opt.zero_grad(set_to_none=True)
+        opt.state.clear()
+
+    return step, free
+
+
 def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     """A closure running one optimizer step of `model` under `cfg`, and a function freeing its state."""
     model.gradient_checkpointing = cfg.checkpointing
     model.model.offload_checkpoints = cfg.offload
     model.model.keep_last_layers = cfg.keep_last
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = PagedAdamW(params, lr=LR)
     n = batch.num_label_tokens
-
-    def step():
-        loss = token_loss_sum(model, batch, device, bf16=True, loss_chunk=cfg.loss_chunk) / n
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def free():
-        opt.zero_grad(set_to_none=True)
-        opt.state.clear()
-
-    return step, free
+    return optimizer_step(lambda: token_loss_sum(model, batch, device, bf16=True, loss_chunk=cfg.loss_chunk) / n,
+                          params, PagedAdamW(params, lr=LR))
 
 
 def hf_step(model, batch: Batch, device: torch.device):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = hf_baseline.hf_optimizer(params, device, LR)
     ids = batch.input_ids.to(device)
 
-    def step():
+    def loss():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            return model(input_ids=ids, labels=ids).loss
 
-    def free():
-        opt.zero_grad(set_to_none=True)
-        opt.state.clear()
-
-    return step, free
+    return optimizer_step(loss, params, hf_baseline.hf_optimizer(params, device, LR))
 
 
 def fresh(device: torch.device) -> None:

@@ -37,6 +37,8 @@ from minqlora.checkpoint import load_pretrained, save_pretrained
 from minqlora.lora import add_lora
 from minqlora.lora_fused import LORA_PATHS, set_lora_path
 from minqlora.optim import PagedAdamW
+from minqlora.data import Batch
+from minqlora.sft import token_loss_sum
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR, CLIP = 2e-4, 0.3
@@ -55,19 +57,29 @@ def time_steps(step, warmup: int, steps: int, sync, clock=time.perf_counter) -> 
     return times
 
 
-def minqlora_step(model_path: str, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, lora_path: str):
+def minqlora_step(model_path: str, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, lora_path: str,
+                  checkpointing: str = "full", loss_chunk: int = 0):
+    """loss_chunk 0: full (B, T, V) logits and F.cross_entropy, as the other side; > 0: sft's training loss
+    (token_loss_sum: the fused head + loss, loss_chunk rows of logits at a time), the same value."""
     model = load_pretrained(model_path, quantize="nf4", double_quant=True, device=device, dtype=dtype)
     add_lora(model, r=16, alpha=32, dropout=0.05, targets=TARGETS)
     set_lora_path(model, lora_path)
-    model.gradient_checkpointing = True
+    model.gradient_checkpointing = checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = PagedAdamW(params, lr=LR)
+    ones = torch.ones_like(ids)
+    batch = Batch(input_ids=ids, labels=ids.clone(), attention_mask=ones, segment_ids=ones, packed=False,
+                  position_ids=torch.arange(ids.shape[1], device=ids.device).expand_as(ids),
+                  num_tokens=ids.numel(), num_label_tokens=ids.shape[0] * (ids.shape[1] - 1))
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            logits = model(ids)  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        if loss_chunk:
+            loss = token_loss_sum(model, batch, device, dtype == torch.bfloat16, loss_chunk) / batch.num_label_tokens
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits = model(ids)  # (B, T, V)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
@@ -76,12 +88,12 @@ def minqlora_step(model_path: str, ids: torch.Tensor, device: torch.device, dtyp
     return step
 
 
-def hf_step(hf_dir: str, ids: torch.Tensor, device: torch.device, dtype: torch.dtype):
+def hf_step(hf_dir: str, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, checkpointing: bool = True):
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, quantization_config=quant,
                                                               dtype=dtype, device_map={"": device})
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                        target_modules=list(TARGETS), task_type="CAUSAL_LM"))
     model.train()
@@ -110,6 +122,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"), help="compute dtype")
     ap.add_argument("--lora-paths", default="fused,reference", help=f"minqlora LoRA paths to time, of {LORA_PATHS}")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--checkpointing", default="full", help="minqlora checkpointing modes to time, comma-separated "
+                    "(full, selective, none; the other side always checkpoints, the QLoRA recipe)")
+    ap.add_argument("--hf-checkpointing", default="full", help="the other side's modes, comma-separated: full "
+                    "(prepare_model_for_kbit_training's default, the usual recipe) and/or none")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="minqlora's loss: 0 = full logits + F.cross_entropy "
+                    "(as the other side), N = sft's fused head + loss in N-row pieces")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with this process's CPU seconds, not wall time: with --threads 1 on a shared machine "
                          "they do not count the time other jobs hold the cores")
@@ -132,8 +150,15 @@ def main() -> None:
         del base
         ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
         ids = ids.to(device)
-        steps = {f"minqlora {p}": functools.partial(minqlora_step, args.model, ids, device, dtype, p) for p in paths}
-        steps["transformers+peft+bnb"] = functools.partial(hf_step, tmp, ids, device, dtype)
+        modes = [m.strip() for m in args.checkpointing.split(",") if m.strip()]
+        steps = {f"minqlora {p}" + (f" ckpt={m}" if modes != ["full"] else ""):
+                 functools.partial(minqlora_step, args.model, ids, device, dtype, p, m, args.loss_chunk)
+                 for p in paths for m in modes}
+        for m in (m.strip() for m in args.hf_checkpointing.split(",") if m.strip()):
+            if m not in ("full", "none"):
+                ap.error(f"--hf-checkpointing takes full and/or none, got {m!r}")
+            name = "transformers+peft+bnb" + ("" if m == "full" else " ckpt=none")
+            steps[name] = functools.partial(hf_step, tmp, ids, device, dtype, m == "full")
         results = {}
         for name, build in steps.items():
             torch.manual_seed(0)
@@ -146,10 +171,12 @@ def main() -> None:
     print(f"\nQLoRA step, {Path(args.model).name}, batch {args.batch} x {args.seq_len} tokens, {device}, {dtype} "
           f"compute, {torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.steps}"
           f"{' (CPU seconds)' if args.cpu_time else ''}")
-    theirs = results["transformers+peft+bnb"]
+    hf = {n: t for n, t in results.items() if n.startswith("transformers")}
+    labels = [f"vs {n.removeprefix('transformers+peft+bnb').strip() or 'ckpt=full'}" for n in hf]
+    print(f"  {'':38s} {'':24s} {'':15s}  " + "  ".join(labels))  # the ratio columns: vs each transformers row
     for name, t in results.items():
-        ratio = f"{theirs / t:6.2f}x" if name != "transformers+peft+bnb" else ""
-        print(f"  {name:26s} {t:8.3f} s/step  {tokens / t:8.1f} tok/s  {ratio}")
+        ratios = "  ".join(f"{theirs / t:6.2f}x" for theirs in hf.values()) if name not in hf else ""
+        print(f"  {name:38s} {t:8.3f} s/step  {tokens / t:8.1f} tok/s  {ratios}")
 
 
 if __name__ == "__main__":
