@@ -261,6 +261,20 @@ def adamw_step_32bit(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                           float(weight_decay), int(step))
 
 
+def adamw_step_32bit_list(p: list[torch.Tensor], grad: list[torch.Tensor], exp_avg: list[torch.Tensor],
+                          exp_avg_sq: list[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                          weight_decay: float, step: int) -> None:
+    """adamw_step_32bit on every (p[i], grad[i], exp_avg[i], exp_avg_sq[i]) in one call (one step count and one set
+    of hyperparameters). The per-tensor checks are the kernels' own (RuntimeError naming the element and the
+    argument; the elements before a failing one have been updated); only the scalars are checked here."""
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")
+    if int(step) < 1:
+        raise ValueError(f"step must be >= 1 (the count including this update), got {step}")
+    _ops.adamw_step_32bit_list(p, grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2), float(eps),
+                               float(weight_decay), int(step))
+
+
 def adamw_step_8bit(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                     exp_avg_absmax: torch.Tensor, exp_avg_sq_absmax: torch.Tensor, map_signed: torch.Tensor,
                     map_unsigned: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,

@@ -26,6 +26,10 @@ Paging applies to CUDA parameters. On a CPU all state is ordinary CPU tensors, w
   load_state_dict() wait for them; call synchronize() before reading `optimizer.state` yourself.
 - None: ordinary tensors on the parameter's device.
 
+Launches: the contiguous parameters of one param group with 32-bit state are updated by one adamw_step_32bit_list
+call (the per-tensor Python cost dominated the step with hundreds of small LoRA tensors); 8-bit state, host paging
+and non-contiguous parameters go one tensor at a time.
+
 Host syncs: none in step() once state exists. The first step allocates state (for "managed", cudaMallocManaged after
 a cudaMemGetInfo); freeing managed state (cudaFree), state_dict(), load_state_dict() and synchronize() wait for the
 GPU.
@@ -250,10 +254,14 @@ class PagedAdamW(torch.optim.Optimizer):
 
     # ---- the step ----
 
+    @staticmethod
+    def _hyper(group: dict, step: int) -> dict:
+        return dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], step=step)
+
     def _update(self, p, g, st: dict, group: dict, step: int) -> None:
         """One fused kernel call on (a chunk of) a parameter, its gradient and its state tensors."""
-        hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                     weight_decay=group["weight_decay"], step=step)
+        hyper = self._hyper(group, step)
         if "exp_avg_absmax" in st:
             ops.adamw_step_8bit(p, g, st["exp_avg"], st["exp_avg_sq"], st["exp_avg_absmax"], st["exp_avg_sq_absmax"],
                                 *self._map_pair(p.device), **hyper)
@@ -278,22 +286,35 @@ class PagedAdamW(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(p, self.state[p])
         streamed = defaultdict(list)  # device -> chunks of host-paged parameters
+        # Contiguous parameters with 32-bit state go in lists, one adamw_step_32bit_list call per (group, step):
+        # the per-call Python cost (~40 µs a tensor) was most of this step for hundreds of small LoRA tensors.
+        lists: dict[tuple[int, int], tuple[dict, list, list, list, list]] = {}
         for p, group in todo:
             state = self.state[p]
             state["step"] += 1
-            pc = p if p.is_contiguous() else p.contiguous()
-            g = p.grad.contiguous().view(-1)
-            tensors = {k: v for k, v in state.items() if k != "step"}
             where = self._placement(p)
+            if where == "managed":
+                for name in ("exp_avg", "exp_avg_sq"):
+                    ops.prefetch_managed(state[name], p.device)
+            if where != "host" and p.is_contiguous() and "exp_avg_absmax" not in state:
+                key = (id(group), state["step"])
+                _, ps, gs, ms, vs = lists.get(key) or lists.setdefault(key, (group, [], [], [], []))
+                ps.append(p)  # shapes as they are: the kernel wants p and grad alike and the state's numel
+                gs.append(p.grad.contiguous())
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                continue
+            g = p.grad.contiguous().view(-1)
+            pc = p if p.is_contiguous() else p.contiguous()
+            tensors = {k: v for k, v in state.items() if k != "step"}
             if where == "host":
                 streamed[p.device] += self._chunks(p, pc.view(-1), g, tensors, group, state["step"])
                 continue
-            if where == "managed":
-                for name in ("exp_avg", "exp_avg_sq"):
-                    ops.prefetch_managed(tensors[name], p.device)
             self._update(pc.view(-1), g, {k: v.view(-1) for k, v in tensors.items()}, group, state["step"])
             if pc is not p:
                 p.copy_(pc)
+        for (_, step), (group, ps, gs, ms, vs) in lists.items():
+            ops.adamw_step_32bit_list(ps, gs, ms, vs, **self._hyper(group, step))
         for device, work in streamed.items():
             self._pager(device).run(work, self._update)
         return loss

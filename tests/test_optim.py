@@ -65,6 +65,29 @@ def test_32bit_kernel_equals_reference(dtype, n):
         assert torch.equal(p, rp) and torch.equal(m, rm) and torch.equal(v, rv)
 
 
+def test_32bit_list_op_equals_the_single_op():
+    """adamw_step_32bit_list over mixed dtypes and sizes (NaN/Inf gradients included) = adamw_step_32bit on each."""
+    sizes, dtypes = (1, 255, 4097, 70001, 33), (torch.float32, torch.bfloat16, torch.float16, torch.float32,
+                                                torch.bfloat16)
+    ps = [torch.randn(n).to(dt) for n, dt in zip(sizes, dtypes)]
+    ms, vs = [torch.rand(n) for n in sizes], [torch.rand(n) * 1e-3 for n in sizes]
+    ref = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    for t in range(1, 4):
+        gs = [grads_with_nonfinite(n, dt, 10 * t + i) for i, (n, dt) in enumerate(zip(sizes, dtypes))]
+        ops.adamw_step_32bit_list(ps, gs, ms, vs, step=t, **HYPER)
+        for p, g, m, v in zip(*ref[:1], gs, *ref[1:]):
+            ops.adamw_step_32bit(p, g, m, v, step=t, **HYPER)
+        for got, want in zip(ps + ms + vs, ref[0] + ref[1] + ref[2]):
+            assert torch.equal(got, want)
+    bad_m = ms[:2] + [torch.zeros(3)] + ms[3:]
+    with pytest.raises(RuntimeError, match="element 2: exp_avg has 3 elements, expected 4097"):
+        ops.adamw_step_32bit_list(ps, gs, bad_m, vs, step=4, **HYPER)
+    with pytest.raises(RuntimeError, match="lists of one length"):
+        ops.adamw_step_32bit_list(ps, gs[:2], ms, vs, step=4, **HYPER)
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        ops.adamw_step_32bit_list(ps, gs, ms, vs, step=0, **HYPER)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [4096, 5000, 70001])
 def test_8bit_kernel_equals_reference(dtype, n):

@@ -193,3 +193,18 @@ def test_opcheck_cuda():
                           test_utils=("test_schema", "test_faketensor"))
     t = ops.managed_empty([1000], torch.float32, device)
     torch.library.opcheck(torch.ops.minqlora.prefetch_managed, (t, device))
+
+
+def test_32bit_list_op_on_cuda_equals_the_single_op():
+    """adamw_step_32bit_list dispatches each element to the CUDA kernel: the same bits as one call per tensor."""
+    sizes, dtypes = (1, 4097, 70001), (torch.float32, torch.bfloat16, torch.float16)
+    ps = [torch.randn(n).to(dt).cuda() for n, dt in zip(sizes, dtypes)]
+    ms, vs = [torch.rand(n).cuda() for n in sizes], [torch.rand(n).cuda() * 1e-3 for n in sizes]
+    ref = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    for t in range(1, 4):
+        gs = [grads(n, dt, 10 * t + i, "cuda") for i, (n, dt) in enumerate(zip(sizes, dtypes))]
+        ops.adamw_step_32bit_list(ps, gs, ms, vs, step=t, **HYPER)
+        for p, g, m, v in zip(ref[0], gs, ref[1], ref[2]):
+            ops.adamw_step_32bit(p, g, m, v, step=t, **HYPER)
+    for got, want in zip(ps + ms + vs, ref[0] + ref[1] + ref[2]):
+        assert torch.equal(got, want)
