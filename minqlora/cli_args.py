@@ -17,6 +17,7 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 STORAGE_NAMES = ("uint8", "bfloat16", "float16", "float32")  # quant.STORAGE_DTYPES by name
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # quant.BLOCKSIZES
 LORA_PATHS = ("fused", "shared-dropout", "reference")  # lora_fused.LORA_PATHS (tests/test_cli.py checks they agree)
+DECODE_MODES = ("auto", "eager", "static", "graph", "compile")  # sampling.DECODE_MODES (likewise)
 COMMANDS = ("quantize", "finetune", "generate", "merge", "export-gguf", "eval", "report")
 
 
@@ -300,6 +301,11 @@ def build_parser(train_defaults=None) -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=non_negative_int, default=0, help="sample from the k most likely (0: all)")
         p.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus sampling mass (1: all)")
         p.add_argument("--seed", type=any_int, default=0, help="sampling seed")
+        p.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                       help="the decode loop: auto (a CUDA graph per token on a GPU, the readable loop on a CPU); "
+                            "eager (the readable loop); static (preallocated cache, op by op); graph; compile "
+                            "(torch.compile reduce-overhead: on the H200 188.7 tok/s against the graph's 146.8 for "
+                            "an 8B model, after a compile that takes its first call)")
 
     p = _sub(subs, "merge", "fold a LoRA adapter into the base weights; save a 16-bit HF checkpoint",
              "  minqlora merge --model ./SmolLM2-135M-Instruct --adapter runs/a --out ./merged\n"

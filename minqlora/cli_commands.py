@@ -218,7 +218,9 @@ def cmd_generate(args) -> None:
     ids, stops, chat = prompt_ids(args, tokenizer)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                              stop_ids=stops)
+                              stop_ids=stops, decode=args.decode)
+    if args.decode == "graph" and (where := resolve_device(args.device)).type != "cuda":  # before loading anything
+        raise UsageError(f"--decode graph needs a CUDA device; this run is on {where} (use auto, static or eager)")
     model, device = load_model(args, args.quantize)
     generator = torch.Generator(device).manual_seed(args.seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)

@@ -16,7 +16,7 @@ import torch
 from cli_helpers import files, run  # noqa: F401  (files: a fixture)
 from minqlora.checkpoint import load_pretrained
 from minqlora.cli import main
-from minqlora import cli_args, lora_fused, quant
+from minqlora import cli_args, lora_fused, quant, sampling
 from minqlora.cli_args import build_parser
 from minqlora.linear4bit import Linear4bit
 from minqlora.sft import TrainConfig
@@ -105,6 +105,7 @@ def test_user_errors_exit_2_naming_the_thing(capsys, files, tmp_path):
 def test_torch_free_flag_tables_match_the_package():
     """cli_args.py names its choices without importing torch (fast --help); they must be the package's."""
     assert cli_args.LORA_PATHS == lora_fused.LORA_PATHS
+    assert cli_args.DECODE_MODES == sampling.DECODE_MODES
     assert cli_args.BLOCKSIZES == tuple(quant.BLOCKSIZES)
     assert set(cli_args.STORAGE_NAMES) == {str(d).removeprefix("torch.") for d in quant.STORAGE_DTYPES}
 
@@ -168,6 +169,13 @@ def test_end_to_end(capsys, files):
                           "--max-new-tokens", "6", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9",
                           "--seed", "1")
     assert code == 0 and out2 == out3 and "plain prompt" in err  # seeded sampling repeats
+    for mode in ("eager", "static"):  # on a CPU: the readable loop and the static-cache step, the same greedy text
+        code, out4, _ = run(capsys, "generate", "--model", model, "--prompt", "the cat", "--no-chat",
+                            "--max-new-tokens", "6", "--decode", mode)
+        assert code == 0 and (mode == "eager" or out4 == greedy)
+        greedy = out4
+    code, _, err = run(capsys, "generate", "--model", model, "--prompt", "x", "--decode", "graph")
+    assert code == 2 and "--decode graph needs a CUDA device" in err
 
     code, out, _ = run(capsys, "merge", "--model", model, "--adapter", run_dir, "--out", root / "merged",
                        "--dtype", "float32")
