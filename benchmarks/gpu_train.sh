@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_train.sh step70b ctx70b ctx8b    # then the 70B step and the two context searches
 #   bash benchmarks/gpu_train.sh load8b                  # peak host RSS loading an 8B-shaped checkpoint
 #   bash benchmarks/gpu_train.sh dist8b                  # --parallel none / ddp / fsdp2 on one GPU (NCCL), 8B shape
+#   bash benchmarks/gpu_train.sh profile8b optim         # torch.profiler of the 8B step; PagedAdamW over 448 tensors
 #   CTX70B="8192 16384" bash benchmarks/gpu_train.sh ctx70b   # other lengths for a context stage (CTX8B likewise)
 #
 # Stage times (estimates, one H200): tests 1 min, step8b 1.5 min, step70b 3 min, ctx70b 2 min, ctx8b 3 min,
@@ -41,9 +42,12 @@ for stage in "$@"; do
     ctx8b) python3 benchmarks/bench_context.py --shape llama-3-8b --cap-gb 80 --quick --lengths ${CTX8B:-131072} \
              --time-budget 200 --json "$OUT/ctx8b.json" ;;
     dist8b) python3 -m torch.distributed.run --nproc-per-node 1 benchmarks/bench_distributed.py --shape 8b ;;
+    profile8b) python3 benchmarks/bench_step.py --shape llama-3-8b --batch 2x1024 --configs none full+offload \
+                 --profile 22 ;;
+    optim) python3 benchmarks/bench_optim.py --device cuda --shape 16 4096 ;;
     load8b) python3 benchmarks/bench_load.py --shape llama-3-8b --dir /tmp/ckpt-8b --device cuda \
               --json "$OUT/load8b.json" ;;
-    *) echo "unknown stage $stage (tests, step8b, step70b, ctx70b, ctx8b, dist8b, load8b)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, step8b, step70b, ctx70b, ctx8b, dist8b, profile8b, optim, load8b)"; exit 2 ;;
   esac 2>&1 | grep -v -E "Warning|warnings.warn" | tee "$OUT/$stage.log"
   status=${PIPESTATUS[0]}
   echo "== $stage: exit $status, $(( $(date +%s) - start )) s"
