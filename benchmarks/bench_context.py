@@ -63,7 +63,7 @@ class Tries:
     def __init__(self, model, config, device, cfg: StepConfig, steps: int, budget: float):
         self.model, self.config, self.device, self.cfg, self.steps = model, config, device, cfg, steps
         self.began, self.budget, self.rows = time.perf_counter(), budget, []
-        self.snapshot = False  # with --snapshot: record allocations during each try, summarise them at an OOM
+        self.oom_snapshot = None  # record_oom_snapshots: the allocator's state at the last OOM
 
     def refuse(self, length: int) -> str | None:
         """Why `length` is not tried (None: try it). Time grows about as T² (attention) from the last pass."""
@@ -86,8 +86,6 @@ class Tries:
             print(f"  T = {length:7d}: not tried ({why})", flush=True)
             return None
         batch = random_batch(self.config.vocab_size, 1, length, seed=length)
-        if self.snapshot:
-            torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
         tick = time.perf_counter()
         r = measure(lambda: minqlora_step(self.model, batch, self.device, self.cfg), self.device,
                     warmup=self.steps - 1, steps=1)
@@ -99,21 +97,28 @@ class Tries:
         else:
             state = f"OOM: {r['oom']}"
         print(f"  T = {length:7d}: {state}  ({row['wall_s']} s)", flush=True)
-        if not row["ok"] and self.snapshot:
-            row["live_at_oom"] = live_at_oom(self.snapshot)
+        if not row["ok"] and self.oom_snapshot is not None:
+            row["live_at_oom"] = live_at_oom(self.oom_snapshot)
+            self.oom_snapshot = None
             for where, gb in row["live_at_oom"]:
                 print(f"      {gb:7.2f} GiB  {where}")
         self.rows.append(row)
         return row
 
+    def record_oom_snapshots(self) -> None:
+        """From now on, record every allocation's Python stack and keep the allocator's state at each OOM (taken
+        in torch's OOM observer, before the failed step frees anything)."""
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
 
-def live_at_oom(snapshot: bool, top: int = 12) -> list[tuple[str, float]]:
-    """The GiB held when the allocator gave up, by the innermost minqlora/benchmarks frame that allocated it.
+        def observer(device, alloc, device_alloc, device_free):
+            self.oom_snapshot = torch.cuda.memory._snapshot()
 
-    torch's allocator, recording with stacks, keeps the last OOM's state: each segment's blocks, the live ones with
-    the Python frames of their allocation."""
-    snap = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
+        torch._C._cuda_attach_out_of_memory_observer(observer)
+
+
+def live_at_oom(snap: dict, top: int = 12) -> list[tuple[str, float]]:
+    """The GiB held in a snapshot (torch.cuda.memory._snapshot), by the innermost minqlora/benchmarks frame that
+    allocated it: each segment's live blocks carry the Python frames of their allocation."""
     held = Counter()
     for seg in snap["segments"]:
         for block in seg["blocks"]:
@@ -188,7 +193,8 @@ def main() -> None:
     print(f"built in 4 bits in {time.perf_counter() - tick:.1f} s; the model holds {held:.2f} GB")
     fresh(device)
     tries = Tries(model, config, device, cfg, args.steps, args.time_budget)
-    tries.snapshot = args.snapshot and device.type == "cuda"
+    if args.snapshot and device.type == "cuda":
+        tries.record_oom_snapshots()
     if args.quick:
         for length in sorted(args.lengths or (target,)):
             row = tries.run(length)

@@ -46,7 +46,9 @@ MLP_TILE_ELEMENTS = 16384 * 14336
 
 def mlp_tile(intermediate_size: int) -> int:
     """Tokens per piece of the offloaded MLP half: MLP_TILE_ELEMENTS / intermediate size."""
-    return max(1, MLP_TILE_ELEMENTS // max(intermediate_size, 1))
+    return max(1, MLP_TILE_ELEMENTS // intermediate_size)
+
+
 _aten = torch.ops.aten
 # The fused attention kernels SDPA dispatches to (flash / memory-efficient / cuDNN on CUDA, flash on CPU). The math
 # fallback (masks on some backends) is plain matmuls and softmax, recomputed like everything else.

@@ -33,9 +33,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, quant
 from .linear4bit import Linear4bit
-from . import quant
 from .quant import QuantState
 
 aten = torch.ops.aten
@@ -91,7 +90,8 @@ class Packed4bit(torch.Tensor):
                           nested_map=m.nested_map, nested_offset=m.nested_offset)
 
     def __repr__(self) -> str:
-        held = f"rows {self.start}..{self.start + self.rows} of {self.shape[0]}" if self.partial else f"rows={self.rows}"
+        held = (f"rows {self.start}..{self.start + self.rows} of {self.shape[0]}" if self.partial
+                else f"rows={self.rows}")
         return f"Packed4bit({held}, in_features={self.meta.in_features}, {self.meta.quant_type})"
 
     # -- torch.compile / FSDP tracing: the subclass flattens to its two inner tensors
@@ -103,11 +103,13 @@ class Packed4bit(torch.Tensor):
         meta, shape, start = ctx
         return Packed4bit(inner["codes"], inner["absmax"], meta, shape, start)
 
-    def _placeholder(self, rows: int) -> "Packed4bit":
-        """`rows` rows that no tensor holds (meta inner tensors): another rank's chunk of a partial weight."""
+    def _fresh_rows(self, rows: int, make, device) -> "Packed4bit":
+        """`rows` new rows of this weight's layout: make(numel, dtype=, device=) builds each inner tensor
+        (torch.zeros for FSDP2's padded shard; torch.empty on "meta" for another rank's chunk, which no tensor
+        holds)."""
         m = self.meta
-        return Packed4bit(torch.empty(rows * m.in_features // 2, dtype=torch.uint8, device="meta"),
-                          torch.empty(rows * m.in_features // m.blocksize, dtype=self.absmax.dtype, device="meta"), m)
+        return Packed4bit(make(rows * m.in_features // 2, dtype=torch.uint8, device=device),
+                          make(rows * m.in_features // m.blocksize, dtype=self.absmax.dtype, device=device), m)
 
     def _rows(self, start: int, stop: int) -> "Packed4bit":
         """Rows [start, stop) as views of this tensor's storage."""
@@ -143,13 +145,10 @@ class Packed4bit(torch.Tensor):
             if x.start % size or x.rows != min(size, n - x.start):
                 raise ValueError(f"{x!r} does not hold one whole chunk of {size} rows (quantize_rows made it for "
                                  "another number of ranks)")
-            return [x._rows(0, x.rows) if a == x.start else x._placeholder(min(a + size, n) - a)
+            return [x._rows(0, x.rows) if a == x.start else x._fresh_rows(min(a + size, n) - a, torch.empty, "meta")
                     for a in range(0, n, size)]
         if func is aten.new_zeros.default:
-            rows = args[1][0]
-            return Packed4bit(torch.zeros(rows * x.meta.in_features // 2, dtype=torch.uint8, device=x.codes.device),
-                              torch.zeros(rows * x.meta.in_features // x.meta.blocksize, dtype=x.absmax.dtype,
-                                          device=x.absmax.device), x.meta)
+            return x._fresh_rows(args[1][0], torch.zeros, x.codes.device)
         if x.partial:  # FSDP2 asks a parameter for its chunks and for fresh zeros, no more
             raise NotImplementedError(f"{x!r} is partial (this rank's rows only): FSDP2 shards it (distributed.py), "
                                       f"nothing else may use it; {func} asked")
@@ -247,14 +246,20 @@ def check_shardable(model: nn.Module, world_size: int) -> None:
                 raise ValueError(f"--parallel fsdp2: {name} was loaded as {m.weight!r}, a share for "
                                  f"{m.out_features // m.weight.rows} ranks, but this run has {world_size}")
             continue
-        if not isinstance(m, Linear4bit):
-            continue
-        rows = m.out_features // world_size
-        if m.out_features % world_size or (rows * m.in_features) % m.blocksize or m.in_features % 2:
-            raise ValueError(f"--parallel fsdp2: {name} ({m.out_features}x{m.in_features}, blocksize {m.blocksize}) "
-                             f"cannot be split into {world_size} shards of whole rows and whole quantization blocks "
-                             f"(needs out_features divisible by {world_size} and out_features/{world_size} x "
-                             f"in_features divisible by {m.blocksize}); use --parallel ddp")
+        if isinstance(m, Linear4bit):
+            shard_rows(name, m.out_features, m.in_features, m.blocksize, world_size)
+
+
+def shard_rows(name: str, out_features: int, in_features: int, blocksize: int, world_size: int) -> int:
+    """Rows per rank of an (out, in) 4-bit weight split into world_size equal runs of whole rows holding whole
+    quantization blocks; ValueError naming `name` when it cannot be split so."""
+    rows = out_features // world_size
+    if out_features % world_size or (rows * in_features) % blocksize or in_features % 2:
+        raise ValueError(f"--parallel fsdp2: {name} ({out_features}x{in_features}, blocksize {blocksize}) cannot be "
+                         f"split into {world_size} shards of whole rows and whole quantization blocks (needs "
+                         f"out_features divisible by {world_size} and out_features/{world_size} x in_features "
+                         f"divisible by {blocksize}); use --parallel ddp")
+    return rows
 
 
 @dataclass(frozen=True)
@@ -268,11 +273,7 @@ class RowShard:
     gather: Callable[[torch.Tensor], torch.Tensor]
 
     def rows(self, out_features: int, in_features: int, blocksize: int, name: str = "weight") -> slice:
-        per = out_features // self.world
-        if out_features % self.world or (per * in_features) % blocksize or in_features % 2:
-            raise ValueError(f"--parallel fsdp2: {name} ({out_features}x{in_features}, blocksize {blocksize}) cannot "
-                             f"be split into {self.world} shards of whole rows and whole quantization blocks; use "
-                             "--parallel ddp")
+        per = shard_rows(name, out_features, in_features, blocksize, self.world)
         return slice(self.rank * per, (self.rank + 1) * per)
 
 

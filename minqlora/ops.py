@@ -245,6 +245,10 @@ def _check_adamw_args(p: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: 
                              f"on {t.device}")
     if not all(t.is_contiguous() for t in (p, grad, *(v[0] for v in states.values()))):
         raise ValueError("p, grad and the state tensors must be contiguous")
+    _check_adamw_scalars(beta1, beta2, step)
+
+
+def _check_adamw_scalars(beta1: float, beta2: float, step: int) -> None:
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")
     if int(step) < 1:
@@ -267,10 +271,7 @@ def adamw_step_32bit_list(p: list[torch.Tensor], grad: list[torch.Tensor], exp_a
     """adamw_step_32bit on every (p[i], grad[i], exp_avg[i], exp_avg_sq[i]) in one call (one step count and one set
     of hyperparameters). The per-tensor checks are the kernels' own (RuntimeError naming the element and the
     argument; the elements before a failing one have been updated); only the scalars are checked here."""
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")
-    if int(step) < 1:
-        raise ValueError(f"step must be >= 1 (the count including this update), got {step}")
+    _check_adamw_scalars(beta1, beta2, step)
     _ops.adamw_step_32bit_list(p, grad, exp_avg, exp_avg_sq, float(lr), float(beta1), float(beta2), float(eps),
                                float(weight_decay), int(step))
 

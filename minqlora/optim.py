@@ -298,7 +298,9 @@ class PagedAdamW(torch.optim.Optimizer):
                     ops.prefetch_managed(state[name], p.device)
             if where != "host" and p.is_contiguous() and "exp_avg_absmax" not in state:
                 key = (id(group), state["step"])
-                _, ps, gs, ms, vs = lists.get(key) or lists.setdefault(key, (group, [], [], [], []))
+                if key not in lists:
+                    lists[key] = (group, [], [], [], [])
+                _, ps, gs, ms, vs = lists[key]
                 ps.append(p)  # shapes as they are: the kernel wants p and grad alike and the state's numel
                 gs.append(p.grad.contiguous())
                 ms.append(state["exp_avg"])
