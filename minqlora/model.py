@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .checkpointing import HostOffloader, checkpoint_layer, checkpoint_mode
+from .fused import rms_norm, rope_qk, swiglu  # the elementwise spec; fused.call runs their fused GPU path
 from .static_cache import StaticKVCache
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -158,17 +160,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, heads, T, head_dim); cos/sin (B, T, head_dim) broadcast over heads.
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, normalized in fp32 and cast back to the input dtype before the weight (as HF does)."""
 
@@ -178,10 +169,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return fused.call(rms_norm, x, self.weight, self.eps)  # one kernel on the GPU (fused.py)
 
 
 class KVCache:
@@ -231,7 +219,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = fused.call(rope_qk, q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, S, hd): S = past + T, or max_len if static
         # mask None means plain causal over q and k of equal length (lets SDPA pick flash/efficient kernels).
@@ -253,7 +241,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fused.call(swiglu, self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
