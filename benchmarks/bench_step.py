@@ -39,8 +39,10 @@ from dataclasses import dataclass
 import torch
 
 import hf_baseline  # benchmarks/: the transformers + peft + bitsandbytes side
+from minqlora import fused
 from minqlora.data import Batch
 from minqlora.lora import add_lora
+from minqlora.lora_fused import set_lora_path
 from minqlora.optim import PagedAdamW
 from minqlora.shapes import SHAPES, flops_per_token, random_model, shape_config
 from minqlora.sft import token_loss_sum
@@ -62,6 +64,8 @@ class StepConfig:
     offload: bool  # checkpointed layer inputs in pinned host memory
     loss_chunk: int  # rows per piece of the fused head + loss; 0: full logits (the readable path)
     keep_last: int = 0  # with checkpointing, the last N layers keep their activations
+    lora_path: str = "fused"  # lora_fused.LORA_PATHS: the LoRA branch (TrainConfig's default is "fused")
+    fused_ops: bool = True  # RMSNorm / RoPE / SwiGLU compiled into single kernels on the GPU (fused.py)
 
 
 CONFIGS = (
@@ -73,8 +77,12 @@ CONFIGS = (
     StepConfig("full", "full", False, 1024),
     StepConfig("selective+offload", "selective", True, 1024),
     StepConfig("full+offload", "full", True, 256),
+    # The path before lora_fused.py and fused.py: LoRALinear.forward per module, eager elementwise ops.
+    StepConfig("full+offload+eager", "full", True, 256, lora_path="reference", fused_ops=False),
+    StepConfig("full+offload+eager-ops", "full", True, 256, fused_ops=False),  # each of the two changes alone
+    StepConfig("full+offload+ref-lora", "full", True, 256, lora_path="reference"),
 )
-QUICK = ("none", "selective", "selective-keep4", "full", "full+offload")
+QUICK = ("none", "selective", "selective-keep4", "full", "full+offload", "full+offload+eager")
 
 
 def random_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> Batch:
@@ -113,6 +121,8 @@ def optimizer_step(loss_fn, params, opt):
 
 def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     """A closure running one optimizer step of `model` under `cfg`, and a function freeing its state."""
+    set_lora_path(model, cfg.lora_path)
+    fused.set_fused(cfg.fused_ops)
     model.gradient_checkpointing = cfg.checkpointing
     model.model.offload_checkpoints = cfg.offload
     model.model.keep_last_layers = cfg.keep_last
@@ -289,13 +299,21 @@ def profile_steps(config, batch_shape, device, configs, rows: int) -> None:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        start = time.perf_counter()
         with profile(activities=activities) as prof:
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
         free()
-        print(f"\n==== profile: {cfg.name}, batch {batch_shape[0]} x {batch_shape[1]} ====")
+        # The table's last lines give the device time of all kernels ("Self CUDA time total"); wall minus that is
+        # the time the GPU sat idle (less "Command Buffer Full", where the host waited for a full launch queue).
+        print(f"\n==== profile: {cfg.name}, batch {batch_shape[0]} x {batch_shape[1]}: wall {wall * 1e3:.1f} ms "
+              "(under the profiler) ====")
         print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+        if device.type == "cuda":  # where the host's time goes (launch-bound steps)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows // 2,
+                                            max_name_column_width=60))
 
 
 def parse_batch(text: str) -> tuple[int, int]:

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_train.sh dist8b                  # --parallel none / ddp / fsdp2 on one GPU (NCCL), 8B shape
 #   bash benchmarks/gpu_train.sh profile8b optim         # torch.profiler of the 8B step; PagedAdamW over 448 tensors
 #   CTX70B="8192 16384" bash benchmarks/gpu_train.sh ctx70b   # other lengths for a context stage (CTX8B likewise)
+#   PROFILE_BATCH=4x2048 PROFILE_CONFIGS="none full" bash benchmarks/gpu_train.sh profile8b
 #
 # Stage times (estimates, one H200): tests 1 min, step8b 1.5 min, step70b 3 min, ctx70b 2 min, ctx8b 3 min,
 # load8b 1.5 min; the first call adds the build.
@@ -42,8 +43,8 @@ for stage in "$@"; do
     ctx8b) python3 benchmarks/bench_context.py --shape llama-3-8b --cap-gb 80 --quick --lengths ${CTX8B:-131072} \
              --time-budget 200 --json "$OUT/ctx8b.json" ;;
     dist8b) python3 -m torch.distributed.run --nproc-per-node 1 benchmarks/bench_distributed.py --shape 8b ;;
-    profile8b) python3 benchmarks/bench_step.py --shape llama-3-8b --batch 2x1024 --configs none full+offload \
-                 --profile 22 ;;
+    profile8b) python3 benchmarks/bench_step.py --shape llama-3-8b --batch ${PROFILE_BATCH:-2x1024} \
+                 --configs ${PROFILE_CONFIGS:-none full+offload} --profile 30 ;;
     optim) python3 benchmarks/bench_optim.py --device cuda --shape 16 4096 ;;
     load8b) python3 benchmarks/bench_load.py --shape llama-3-8b --dir /tmp/ckpt-8b --device cuda \
               --json "$OUT/load8b.json" ;;
