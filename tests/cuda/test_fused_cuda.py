@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from minqlora import fused
+from minqlora import lora_fused
 from minqlora.lora_fused import set_lora_path
 from test_fused import check_against_eager
 from test_lora_cuda import tiny_qlora, train_losses
@@ -24,7 +25,8 @@ def test_compiled_functions_equal_the_eager_ones_on_cuda(dtype):
 
 
 @pytest.mark.parametrize("mode", ["none", "full", "offload"])
-def test_training_with_fusion_equals_training_without(mode):
+def test_training_with_fusion_equals_training_without(mode, monkeypatch):
+    monkeypatch.setattr(lora_fused, "CUDA_MIN_ROWS", 0)
     runs = []
     for on in (False, True):
         fused.set_fused(on, min_elements=0)

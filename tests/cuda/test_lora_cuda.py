@@ -13,11 +13,18 @@ import torch.nn.functional as F
 
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import add_lora, lora_modules
+from minqlora import lora_fused
 from minqlora.lora_fused import keep_mask, set_lora_path
 from minqlora.model import Llama, LlamaConfig
 from minqlora.optim import PagedAdamW
 
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def fused_at_any_size(monkeypatch):
+    """These models are far below the row count where the fused branch pays on a GPU; take it anyway."""
+    monkeypatch.setattr(lora_fused, "CUDA_MIN_ROWS", 0)
 
 
 def tiny_qlora(dropout=0.0, seed=0) -> Llama:
@@ -104,3 +111,14 @@ def test_keep_mask_statistics_cuda():
         assert abs(half.float().mean().item() - (1 - p)) < 6 * sd
     assert keep_mask((5, 3), 0.0, CUDA).all()
     assert not torch.equal(keep_mask((1000,), 0.5, CUDA), keep_mask((1000,), 0.5, CUDA))
+
+
+def test_small_cuda_inputs_take_the_reference_branch(monkeypatch):
+    monkeypatch.setattr(lora_fused, "CUDA_MIN_ROWS", 64)
+    q = set_lora_path(tiny_qlora(), "fused").model.layers[0].self_attn.q_proj
+    small, large = torch.randn(1, 63, 256, device=CUDA), torch.randn(1, 64, 256, device=CUDA)
+    with torch.no_grad():
+        torch.testing.assert_close(q(small), q.base_layer(small) + q.lora_B(q.lora_A(small)) * q.scaling)
+        assert q.group._x is None  # LoRALinear.forward's own branch: nothing kept for k_proj and v_proj
+        q(large)
+        assert q.group._x is large and len(q.group._h) == 2  # the group's: h kept for the siblings
