@@ -40,6 +40,17 @@ TORCH_LIBRARY(minqlora, m) {
         "Tensor? nested_map, float nested_offset, int blocksize, int nested_blocksize, str quant_type, "
         "SymInt[] shape) -> Tensor");
 
+  // ---- a Llama layer's elementwise work (fused.py; CUDA only, csrc/cuda/layer_ops.cu) ----
+  // fused.rms_norm: x (..., h), weight (h,) of x's dtype -> w * (x * rsqrt(mean(x^2) + eps)) rounded to x's dtype.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // fused._rms_norm_backward: d x of rms_norm (the weight gets none: it is frozen in QLoRA).
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps) -> Tensor");
+  // fused.apply_rope: x (B, heads, S, D), cos / sin (B or 1, S, D); transpose: fused._rope_backward's adjoint.
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
+  // fused.swiglu: silu(gate) * up, and fused._swiglu_backward: (d gate, d up).
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+
   // ---- optimizer and paging (optim.py) ----
   // optim.adamw_step_ref: one fused AdamW step with float32 m, v; p (f32/f16/bf16), m, v updated in place.
   m.def("adamw_step_32bit(Tensor(a!) p, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "

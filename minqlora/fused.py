@@ -9,9 +9,13 @@ multiplies, adds, casts and concatenations of these ops at about 250 ms of the 5
 for every matmul of the step together.
 
 call(fn, *args) is the dispatcher model.py uses. Where fusion is on for the tensor's device (CUDA by default;
-set_fused, or MINQLORA_FUSED=0 to turn it off) it runs fn's autograd Function below: the forward is fn itself
-compiled by torch.compile (Inductor: one generated kernel, each tensor read and written once), the backward is the
-hand-derived gradient, compiled the same way. Writing the backward out (instead of letting AOTAutograd derive it)
+set_fused, or MINQLORA_FUSED=0 to turn it off) it runs fn's autograd Function below, on one of two backends
+(BACKENDS). "compile" (the default): the forward is fn itself compiled by torch.compile (Inductor: one generated
+kernel, each tensor read and written once), the backward is the hand-derived gradient, compiled the same way.
+"extension" (set_fused(True, backend="extension") or MINQLORA_FUSED=extension): the same two functions as
+minqlora's CUDA kernels (csrc/cuda/layer_kernels.cuh), which cost the host one dispatch per op where a compiled
+call costs dozens of microseconds; not yet measured against "compile" on a GPU, so not the default.
+Writing the backward out (instead of letting AOTAutograd derive it)
 keeps the compiled functions to no-grad graphs: one variant per dtype and rank rather than one per grad mode and
 requires_grad pattern, which exceeded dynamo's recompile limit in a test session, and a backward that saves only what
 it needs (RoPE saves cos and sin, not q and k). Elsewhere — fusion off, a CPU, inside an outer torch.compile (which
@@ -93,29 +97,52 @@ def _swiglu_backward(grad, gate, up):
 
 # -- the fused path -----------------------------------------------------------------------------------------------
 
-_devices = ("cuda",) if os.environ.get("MINQLORA_FUSED", "1") != "0" else ()  # device types that take the fused path
-# The smallest first argument (elements) that takes the fused path. A compiled call costs the host far more than an
-# eager kernel launch (torch.profiler, 8B shape on an H200: 376 µs of CPU per fused RMSNorm call, against 9 µs per
-# cudaLaunchKernel), so small steps, which the host already cannot feed fast enough, get slower: a whole QLoRA step
-# (full checkpointing + offload) at 2 × 1024 tokens ran at 5,260 tok/s fused and 5,885 eager; at 4 × 2048,
-# 8,824 fused and 7,196 eager. 8,192 tokens × 4,096 wide is the smallest fused size measured to win.
-MIN_FUSED_ELEMENTS = 8192 * 4096
+# Two implementations of each spec function and its gradient on the fused path (BACKENDS):
+#   "compile"    torch.compile of the Python functions above (Inductor's Triton kernels): the measured default.
+#   "extension"  minqlora's own CUDA kernels (csrc/cuda/layer_kernels.cuh, through torch.ops.minqlora): one C++
+#                dispatch and one launch per op instead of dynamo's guards and Inductor's wrapper, and forward
+#                outputs that round like the eager ops. All tensor arguments must share one dtype.
+BACKENDS = ("compile", "extension")
+_setting = os.environ.get("MINQLORA_FUSED", "compile")  # "0" turns fusion off
+_devices = ("cuda",) if _setting != "0" else ()  # device types that take the fused path
+_backend = _setting if _setting in BACKENDS else "compile"
+# The smallest first argument (elements) that takes the compiled path. A compiled call costs the host far more than
+# an eager kernel launch (torch.profiler, 8B shape on an H200: 376 µs of CPU per fused RMSNorm call, against 9 µs
+# per cudaLaunchKernel), so small steps, which the host already cannot feed fast enough, get slower: a whole QLoRA
+# step (full checkpointing + offload) at 2 × 1024 tokens ran at 5,260 tok/s fused and 5,885 eager; at 4 × 2048,
+# 8,824 fused and 7,196 eager. 8,192 tokens × 4,096 wide is the smallest fused size measured to win. The
+# extension's ops cost the host what an eager op does, so they take every size.
+MIN_FUSED_ELEMENTS = {"compile": 8192 * 4096, "extension": 0}
+_min_elements = MIN_FUSED_ELEMENTS[_backend]
 _compiled: dict[Callable, Callable] = {}
 
 
-_min_elements = MIN_FUSED_ELEMENTS
-
-
-def set_fused(on: bool, cpu: bool = False, min_elements: int = MIN_FUSED_ELEMENTS) -> None:
-    """Turn the fused paths on (for CUDA tensors; with cpu=True for CPU tensors too) or off, for every later call,
-    for first arguments of at least min_elements elements. Compiled functions stay in the cache either way."""
-    global _devices, _min_elements
+def set_fused(on: bool, cpu: bool = False, min_elements: int | None = None, backend: str = "compile") -> None:
+    """Turn the fused paths on (for CUDA tensors; with cpu=True for CPU tensors too, "compile" backend only) or off,
+    for every later call, for first arguments of at least min_elements elements (None: the backend's
+    MIN_FUSED_ELEMENTS). Compiled functions stay in the cache either way."""
+    global _devices, _min_elements, _backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if on and backend == "extension" and (cpu or not has_extension_kernels()):
+        raise ValueError("the 'extension' backend runs minqlora's CUDA kernels: it needs a CUDA build of minqlora "
+                         "(ops.has_cuda_kernels()) and CUDA tensors (cpu=False)")
     _devices = (("cuda", "cpu") if cpu else ("cuda",)) if on else ()
-    _min_elements = min_elements
+    _backend = backend
+    _min_elements = MIN_FUSED_ELEMENTS[backend] if min_elements is None else min_elements
 
 
 def fused_devices() -> tuple[str, ...]:
     return _devices
+
+
+def fused_backend() -> str:
+    return _backend
+
+
+def has_extension_kernels() -> bool:
+    from . import ops  # noqa: F401  (loads minqlora._C, which registers the ops)
+    return torch._C._dispatch_has_kernel_for_dispatch_key("minqlora::rms_norm", "CUDA")
 
 
 def compiled(fn: Callable) -> Callable:
@@ -138,40 +165,57 @@ def _allow_variants(limit: int = 64) -> None:
     setattr(cfg, name, max(getattr(cfg, name), limit))
 
 
+def _extension_ops() -> dict[Callable, Callable]:
+    ops = torch.ops.minqlora
+    return {
+        rms_norm: ops.rms_norm, _rms_norm_backward: ops.rms_norm_backward, swiglu: ops.swiglu,
+        _swiglu_backward: ops.swiglu_backward,
+        rope_qk: lambda q, k, cos, sin: (ops.rope(q, cos, sin), ops.rope(k, cos, sin)),
+        _rope_backward: lambda gq, gk, cos, sin: (ops.rope(gq, cos, sin, True), ops.rope(gk, cos, sin, True)),
+    }
+
+
+def implementation(fn: Callable, backend: str) -> Callable:
+    """fn (a spec function or its gradient) on `backend`: compiled, or the extension's op."""
+    return compiled(fn) if backend == "compile" else _extension_ops()[fn]
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return compiled(rms_norm)(x, weight, eps)
+        ctx.eps, ctx.backend = eps, _backend  # backward runs on the forward's backend
+        return implementation(rms_norm, _backend)(x, weight, eps)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        return compiled(_rms_norm_backward)(grad, x, weight, ctx.eps), None, None
+        return implementation(_rms_norm_backward, ctx.backend)(grad, x, weight, ctx.eps), None, None
 
 
 class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return compiled(rope_qk)(q, k, cos, sin)
+        ctx.backend = _backend
+        return implementation(rope_qk, _backend)(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
-        return (*compiled(_rope_backward)(grad_q, grad_k, cos, sin), None, None)
+        return (*implementation(_rope_backward, ctx.backend)(grad_q, grad_k, cos, sin), None, None)
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return compiled(swiglu)(gate, up)
+        ctx.backend = _backend
+        return implementation(swiglu, _backend)(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
-        return compiled(_swiglu_backward)(grad, *ctx.saved_tensors)
+        return implementation(_swiglu_backward, ctx.backend)(grad, *ctx.saved_tensors)
 
 
 # spec function -> (its Function, the positions of arguments that must not need gradients on the fused path)
@@ -181,9 +225,10 @@ FUSED = {rms_norm: (_RMSNorm, (1,)), rope_qk: (_RoPE, (2, 3)), swiglu: (_SwiGLU,
 def call(fn: Callable, *args):
     """fn(*args) through its fused Function where that applies (module docstring), else fn(*args) as written."""
     function, no_grad_args = FUSED[fn]
-    grad_on = torch.is_grad_enabled()
-    if (args[0].device.type not in _devices or args[0].numel() < _min_elements or torch.compiler.is_compiling()
+    x = args[0]
+    if (x.device.type not in _devices or x.numel() < _min_elements or torch.compiler.is_compiling()
             or _get_current_dispatch_mode() is not None
-            or (grad_on and any(args[i].requires_grad for i in no_grad_args))):
+            or (torch.is_grad_enabled() and any(args[i].requires_grad for i in no_grad_args))
+            or (_backend == "extension" and any(isinstance(a, torch.Tensor) and a.dtype != x.dtype for a in args))):
         return fn(*args)
     return function.apply(*args)

@@ -64,6 +64,32 @@ def _(grad_y, packed, absmax, nested_absmax, nested_map, nested_offset, blocksiz
     return grad_y.new_empty((*grad_y.shape[:-1], shape[1]))
 
 
+@torch.library.register_fake("minqlora::rms_norm")
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("minqlora::rms_norm_backward")
+def _(grad, x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("minqlora::rope")
+def _(x, cos, sin, transpose=False):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("minqlora::swiglu")
+def _(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("minqlora::swiglu_backward")
+def _(grad, gate, up):
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
 # gemm_4bit's autograd (grad_x = grad_y · dequant(W); the frozen weight gets no gradient) is registered in C++ at
 # the Autograd key, csrc/gemm_autograd.cpp: a Python formula here cost more per call than a bf16 F.linear.
 

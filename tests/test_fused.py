@@ -34,8 +34,9 @@ def _close(a, b, dtype):
     torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
-def check_against_eager(device: str, dtype: torch.dtype) -> None:
-    """Each fused function through fused.call against itself run eagerly: values and input gradients."""
+def check_against_eager(device: str, dtype: torch.dtype, expect_compiled: bool = True) -> None:
+    """Each fused function through fused.call against itself run eagerly: values and input gradients (through the
+    compiled functions, or with expect_compiled=False the extension's kernels)."""
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
     x, w = rand(2, 5, 64), 1 + 0.1 * rand(64)
@@ -49,7 +50,10 @@ def check_against_eager(device: str, dtype: torch.dtype) -> None:
         fused._compiled.clear()
         want, want_grads = _grads(fn, args, wants_grad)
         got, got_grads = _grads(lambda *a: fused.call(fn, *a), args, wants_grad)
-        assert fn in fused._compiled and len(fused._compiled) == 2, f"{fn.__name__}: not the fused forward+backward"
+        if expect_compiled:
+            assert fn in fused._compiled and len(fused._compiled) == 2, f"{fn.__name__}: not compiled fwd + bwd"
+        else:
+            assert not fused._compiled, f"{fn.__name__}: compiled instead of the extension's kernels"
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and a.shape == b.shape
             _close(a, b, dtype)
@@ -94,3 +98,19 @@ def test_a_model_trains_the_same_through_the_fused_ops(cpu_fusion):
     torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(runs[1][1], runs[0][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_extension_backend_needs_cuda_kernels_and_has_fake_kernels():
+    if not fused.has_extension_kernels():  # a CPU build (CI): refused with the reason
+        with pytest.raises(ValueError, match="CUDA build"):
+            fused.set_fused(True, backend="extension")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused.set_fused(True, backend="triton")
+    # The fake kernels torch.compile traces with: shapes, dtypes and layouts of the outputs.
+    x = torch.empty(2, 3, 4, 8, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    cs = torch.empty(2, 4, 8, device="meta", dtype=torch.bfloat16)
+    ops = torch.ops.minqlora
+    assert ops.rope(x, cs, cs).stride() == x.stride()
+    assert ops.rms_norm(x, torch.empty(8, device="meta", dtype=torch.bfloat16), 1e-6).is_contiguous()
+    dg, du = ops.swiglu_backward(cs, cs, cs)
+    assert dg.shape == du.shape == ops.swiglu(cs, cs).shape == (2, 4, 8)

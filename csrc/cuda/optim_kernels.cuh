@@ -13,17 +13,10 @@
 #include <cstdint>
 
 #include "../optim_math.h"
+#include "float_io.cuh"
 
 namespace minqlora {
 
-// float32 <-> storage type, round to nearest even (as c10::Half / c10::BFloat16 on the CPU).
-__device__ __forceinline__ float load_f32(float x) { return x; }
-__device__ __forceinline__ float load_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float load_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T store_as(float x);
-template <> __device__ __forceinline__ float store_as<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half store_as<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 template <typename T>
 __global__ void __launch_bounds__(256) adamw_32bit_kernel(T* __restrict__ p, const T* __restrict__ g,

@@ -1,0 +1,216 @@
+// Torch glue of the layer kernels (layer_kernels.cuh): argument checks, allocation, a device guard, the current
+// stream, one launch per op. Implements rms_norm, rms_norm_backward, rope, swiglu and swiglu_backward (references
+// in minqlora/fused.py; schemas in csrc/minqlora.cpp). CUDA only: fused.py calls them for CUDA tensors alone.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "layer_kernels.cuh"
+
+namespace minqlora {
+namespace {
+
+// Calls f with a null pointer of the CUDA storage type of t (float, __half, __nv_bfloat16).
+template <typename F>
+void dispatch_float(const at::Tensor& t, const char* name, F&& f) {
+  switch (t.scalar_type()) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kHalf: f(static_cast<__half*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device(), " like ", ref_name,
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have ", ref_name, "'s dtype ",
+              ref.scalar_type(), ", got ", t.scalar_type());
+}
+
+// 16-byte packs when every row start and pointer allows them, else one element at a time.
+int vec_width(int64_t elem_bytes, int64_t h, std::initializer_list<const at::Tensor*> ts) {
+  const int64_t vec = 16 / elem_bytes;
+  if (h % vec) return 1;
+  for (const at::Tensor* t : ts)
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16) return 1;
+  return static_cast<int>(vec);
+}
+
+// Grid of a grid-stride elementwise kernel: enough 256-thread CTAs for `work` items, at most 8 per SM resident.
+int elementwise_ctas(int64_t work, int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + 255) / 256, int64_t(sms) * 8)));
+}
+
+// The row view shared by both RMSNorm ops: x (..., h) contiguous, weight (h,).
+int64_t check_norm(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.is_cuda(), "rms_norm: x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rms_norm: x must have a non-empty last dim, got ", x.sizes());
+  check_like(weight, x, "rms_norm: weight", "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: weight must be (", x.size(-1),
+              ",), got ", weight.sizes());
+  return x.size(-1);
+}
+
+template <typename T, typename Launch>
+void launch_rows(int vec, Launch&& launch) {
+  if (vec == 16 / static_cast<int>(sizeof(T))) {
+    launch(std::integral_constant<int, 16 / sizeof(T)>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+at::Tensor rms_norm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
+  const int64_t h = check_norm(x_in, weight_in);
+  const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const int64_t rows = x.numel() / h;
+  if (rows == 0) return y;
+  TORCH_CHECK(rows < (int64_t(1) << 31), "rms_norm: too many rows (", rows, ")");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(x, "rms_norm: x", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_rows<T>(vec_width(sizeof(T), h, {&x, &w, &y}), [&](auto vec) {
+      layer::rms_norm_kernel<T, decltype(vec)::value><<<rows, layer::kRowThreads, 0, stream>>>(
+          static_cast<const T*>(x.data_ptr()), static_cast<const T*>(w.data_ptr()), static_cast<T*>(y.data_ptr()),
+          h, static_cast<float>(eps));
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+at::Tensor rms_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+                                  double eps) {
+  const int64_t h = check_norm(x_in, weight_in);
+  check_like(grad_in, x_in, "rms_norm_backward: grad", "x");
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "rms_norm_backward: grad must be ", x_in.sizes(), ", got ",
+              grad_in.sizes());
+  const at::Tensor g = grad_in.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous();
+  at::Tensor dx = at::empty_like(x);
+  const int64_t rows = x.numel() / h;
+  if (rows == 0) return dx;
+  TORCH_CHECK(rows < (int64_t(1) << 31), "rms_norm_backward: too many rows (", rows, ")");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(x, "rms_norm_backward: x", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_rows<T>(vec_width(sizeof(T), h, {&g, &x, &w, &dx}), [&](auto vec) {
+      layer::rms_norm_backward_kernel<T, decltype(vec)::value><<<rows, layer::kRowThreads, 0, stream>>>(
+          static_cast<const T*>(g.data_ptr()), static_cast<const T*>(x.data_ptr()),
+          static_cast<const T*>(w.data_ptr()), static_cast<T*>(dx.data_ptr()), h, static_cast<float>(eps));
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+// x (B, heads, S, D), any strides; cos, sin (B or 1, S, D). out has x's sizes and layout (empty_like).
+at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool transpose) {
+  TORCH_CHECK(x.is_cuda(), "rope: x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "rope: x must be (B, heads, S, D) with D even, got ", x.sizes());
+  check_like(cos, x, "rope: cos", "x");
+  check_like(sin, x, "rope: sin", "x");
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->dim() == 3 && (t->size(0) == x.size(0) || t->size(0) == 1) && t->size(1) == x.size(2) &&
+                    t->size(2) == x.size(3),
+                "rope: cos and sin must be (", x.size(0), " or 1, ", x.size(2), ", ", x.size(3), "), got ",
+                t->sizes());
+  }
+  at::Tensor out = at::empty_like(x);
+  if (x.numel() == 0) return out;
+  layer::RopeShape sh{x.size(0), x.size(1), x.size(2), x.size(3), {}, {}, {}, {}};
+  for (int i = 0; i < 4; ++i) {
+    sh.xs[i] = x.stride(i);
+    sh.os[i] = out.stride(i);
+  }
+  for (int i = 0; i < 3; ++i) {
+    sh.cs[i] = cos.size(i) == 1 ? 0 : cos.stride(i);  // a batch of 1 broadcasts
+    sh.ss[i] = sin.size(i) == 1 ? 0 : sin.stride(i);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int ctas = elementwise_ctas(x.numel() / 2, x.get_device());
+  dispatch_float(x, "rope: x", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    layer::rope_kernel<T><<<ctas, 256, 0, stream>>>(static_cast<const T*>(x.data_ptr()),
+                                                    static_cast<const T*>(cos.data_ptr()),
+                                                    static_cast<const T*>(sin.data_ptr()),
+                                                    static_cast<T*>(out.data_ptr()), sh, transpose);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// The shared checks of the SwiGLU ops: tensors of gate's shape, dtype and device, made contiguous.
+void check_swiglu(const at::Tensor& gate, const at::Tensor& other, const char* name) {
+  TORCH_CHECK(gate.is_cuda(), "swiglu: gate must be a CUDA tensor, got one on ", gate.device());
+  check_like(other, gate, name, "gate");
+  TORCH_CHECK(other.sizes() == gate.sizes(), name, " must be ", gate.sizes(), " like gate, got ", other.sizes());
+}
+
+at::Tensor swiglu_cuda(const at::Tensor& gate_in, const at::Tensor& up_in) {
+  check_swiglu(gate_in, up_in, "swiglu: up");
+  const at::Tensor g = gate_in.contiguous(), u = up_in.contiguous();
+  at::Tensor out = at::empty_like(g);
+  const int64_t n = g.numel();
+  if (n == 0) return out;
+  const c10::cuda::CUDAGuard guard(g.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(g, "swiglu: gate", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_rows<T>(vec_width(sizeof(T), n, {&g, &u, &out}), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      layer::swiglu_kernel<T, V><<<elementwise_ctas(n / V, g.get_device()), 256, 0, stream>>>(
+          static_cast<const T*>(g.data_ptr()), static_cast<const T*>(u.data_ptr()), static_cast<T*>(out.data_ptr()),
+          n);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& gate_in,
+                                                        const at::Tensor& up_in) {
+  check_swiglu(gate_in, up_in, "swiglu_backward: up");
+  check_swiglu(gate_in, grad_in, "swiglu_backward: grad");
+  const at::Tensor dh = grad_in.contiguous(), g = gate_in.contiguous(), u = up_in.contiguous();
+  at::Tensor dg = at::empty_like(g), du = at::empty_like(u);
+  const int64_t n = g.numel();
+  if (n == 0) return {dg, du};
+  const c10::cuda::CUDAGuard guard(g.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(g, "swiglu_backward: gate", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch_rows<T>(vec_width(sizeof(T), n, {&dh, &g, &u, &dg, &du}), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      layer::swiglu_backward_kernel<T, V><<<elementwise_ctas(n / V, g.get_device()), 256, 0, stream>>>(
+          static_cast<const T*>(dh.data_ptr()), static_cast<const T*>(g.data_ptr()),
+          static_cast<const T*>(u.data_ptr()), static_cast<T*>(dg.data_ptr()), static_cast<T*>(du.data_ptr()), n);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dg, du};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(minqlora, CUDA, m) {
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("rms_norm_backward", &rms_norm_backward_cuda);
+  m.impl("rope", &rope_cuda);
+  m.impl("swiglu", &swiglu_cuda);
+  m.impl("swiglu_backward", &swiglu_backward_cuda);
+}
+
+}  // namespace minqlora
