@@ -11,21 +11,11 @@
 #include <algorithm>
 #include <tuple>
 
+#include "float_dispatch.h"
 #include "layer_kernels.cuh"
 
 namespace minqlora {
 namespace {
-
-// Calls f with a null pointer of the CUDA storage type of t (float, __half, __nv_bfloat16).
-template <typename F>
-void dispatch_float(const at::Tensor& t, const char* name, F&& f) {
-  switch (t.scalar_type()) {
-    case at::kFloat: f(static_cast<float*>(nullptr)); break;
-    case at::kHalf: f(static_cast<__half*>(nullptr)); break;
-    case at::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device(), " like ", ref_name,
@@ -78,7 +68,7 @@ at::Tensor rms_norm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, do
   TORCH_CHECK(rows < (int64_t(1) << 31), "rms_norm: too many rows (", rows, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(x, "rms_norm: x", [&](auto* tag) {
+  dispatch_cuda_float(x.scalar_type(), "rms_norm: x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_rows<T>(vec_width(sizeof(T), h, {&x, &w, &y}), [&](auto vec) {
       layer::rms_norm_kernel<T, decltype(vec)::value><<<rows, layer::kRowThreads, 0, stream>>>(
@@ -103,7 +93,7 @@ at::Tensor rms_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x
   TORCH_CHECK(rows < (int64_t(1) << 31), "rms_norm_backward: too many rows (", rows, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(x, "rms_norm_backward: x", [&](auto* tag) {
+  dispatch_cuda_float(x.scalar_type(), "rms_norm_backward: x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_rows<T>(vec_width(sizeof(T), h, {&g, &x, &w, &dx}), [&](auto vec) {
       layer::rms_norm_backward_kernel<T, decltype(vec)::value><<<rows, layer::kRowThreads, 0, stream>>>(
@@ -141,7 +131,7 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int ctas = elementwise_ctas(x.numel() / 2, x.get_device());
-  dispatch_float(x, "rope: x", [&](auto* tag) {
+  dispatch_cuda_float(x.scalar_type(), "rope: x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     layer::rope_kernel<T><<<ctas, 256, 0, stream>>>(static_cast<const T*>(x.data_ptr()),
                                                     static_cast<const T*>(cos.data_ptr()),
@@ -167,7 +157,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_in, const at::Tensor& up_in) {
   if (n == 0) return out;
   const c10::cuda::CUDAGuard guard(g.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(g, "swiglu: gate", [&](auto* tag) {
+  dispatch_cuda_float(g.scalar_type(), "swiglu: gate", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_rows<T>(vec_width(sizeof(T), n, {&g, &u, &out}), [&](auto vec) {
       constexpr int V = decltype(vec)::value;
@@ -190,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad_i
   if (n == 0) return {dg, du};
   const c10::cuda::CUDAGuard guard(g.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(g, "swiglu_backward: gate", [&](auto* tag) {
+  dispatch_cuda_float(g.scalar_type(), "swiglu_backward: gate", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_rows<T>(vec_width(sizeof(T), n, {&dh, &g, &u, &dg, &du}), [&](auto vec) {
       constexpr int V = decltype(vec)::value;

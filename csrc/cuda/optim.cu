@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../optim_checks.h"
+#include "float_dispatch.h"
 #include "optim_kernels.cuh"
 
 namespace minqlora {
@@ -21,17 +22,6 @@ int max_ctas(int device) {
   return sms * 8;
 }
 
-// Calls f with a null pointer of the CUDA storage type matching p's dtype (float, __half, __nv_bfloat16).
-template <typename F>
-void dispatch_cuda_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(static_cast<float*>(nullptr)); break;
-    case at::kHalf: f(static_cast<__half*>(nullptr)); break;
-    case at::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, "p must be float32, float16 or bfloat16, got ", t);
-  }
-}
-
 void adamw_step_32bit_cuda(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& exp_avg,
                            const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
                            double weight_decay, int64_t step) {
@@ -43,7 +33,7 @@ void adamw_step_32bit_cuda(const at::Tensor& p, const at::Tensor& grad, const at
   const c10::cuda::CUDAGuard guard(p.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int ctas = max_ctas(p.get_device());
-  dispatch_cuda_float(p.scalar_type(), [&](auto* tag) {
+  dispatch_cuda_float(p.scalar_type(), "p", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     C10_CUDA_CHECK(launch_adamw_32bit<T>(static_cast<T*>(p.data_ptr()), static_cast<const T*>(grad.data_ptr()),
                                          exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), n, s, ctas,
@@ -63,7 +53,7 @@ void adamw_step_8bit_cuda(const at::Tensor& p, const at::Tensor& grad, const at:
   const c10::cuda::CUDAGuard guard(p.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int ctas = max_ctas(p.get_device());
-  dispatch_cuda_float(p.scalar_type(), [&](auto* tag) {
+  dispatch_cuda_float(p.scalar_type(), "p", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     C10_CUDA_CHECK(launch_adamw_8bit<T>(
         static_cast<T*>(p.data_ptr()), static_cast<const T*>(grad.data_ptr()), exp_avg.data_ptr<uint8_t>(),
