@@ -31,6 +31,7 @@ across module boundaries (the residual add with the next norm), which would tie 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -165,6 +166,7 @@ def _allow_variants(limit: int = 64) -> None:
     setattr(cfg, name, max(getattr(cfg, name), limit))
 
 
+@functools.cache
 def _extension_ops() -> dict[Callable, Callable]:
     ops = torch.ops.minqlora
     return {
