@@ -15,8 +15,7 @@ kernel, each tensor read and written once), the backward is the hand-derived gra
 "extension" (set_fused(True, backend="extension") or MINQLORA_FUSED=extension): the same two functions as
 minqlora's CUDA kernels (csrc/cuda/layer_kernels.cuh), which cost the host one dispatch per op where a compiled
 call costs dozens of microseconds; not yet measured against "compile" on a GPU, so not the default.
-Writing the backward out (instead of letting AOTAutograd derive it)
-keeps the compiled functions to no-grad graphs: one variant per dtype and rank rather than one per grad mode and
+Writing the backward out (instead of letting AOTAutograd derive it) keeps the compiled functions to no-grad graphs: one variant per dtype and rank rather than one per grad mode and
 requires_grad pattern, which exceeded dynamo's recompile limit in a test session, and a backward that saves only what
 it needs (RoPE saves cos and sin, not q and k). Elsewhere — fusion off, a CPU, inside an outer torch.compile (which
 inlines fn), under a TorchDispatchMode such as torch's selective checkpointing (whose policy must see each aten op),
@@ -127,7 +126,7 @@ def set_fused(on: bool, cpu: bool = False, min_elements: int | None = None, back
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if on and backend == "extension" and (cpu or not has_extension_kernels()):
         raise ValueError("the 'extension' backend runs minqlora's CUDA kernels: it needs a CUDA build of minqlora "
-                         "(ops.has_cuda_kernels()) and CUDA tensors (cpu=False)")
+                         "(has_extension_kernels()) and CUDA tensors (cpu=False)")
     _devices = (("cuda", "cpu") if cpu else ("cuda",)) if on else ()
     _backend = backend
     _min_elements = MIN_FUSED_ELEMENTS[backend] if min_elements is None else min_elements
@@ -135,10 +134,6 @@ def set_fused(on: bool, cpu: bool = False, min_elements: int | None = None, back
 
 def fused_devices() -> tuple[str, ...]:
     return _devices
-
-
-def fused_backend() -> str:
-    return _backend
 
 
 def has_extension_kernels() -> bool:

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 
 #include "float_dispatch.h"
 #include "layer_kernels.cuh"
@@ -40,18 +41,21 @@ int elementwise_ctas(int64_t work, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + 255) / 256, int64_t(sms) * 8)));
 }
 
-// The row view shared by both RMSNorm ops: x (..., h) contiguous, weight (h,).
-int64_t check_norm(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.is_cuda(), "rms_norm: x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "rms_norm: x must have a non-empty last dim, got ", x.sizes());
+// The row view shared by both RMSNorm ops: x (..., h) with rows = numel / h, weight (h,). Returns {h, rows}; rows
+// is the grid's x dimension, so below 2^31.
+std::pair<int64_t, int64_t> check_norm(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have a non-empty last dim, got ", x.sizes());
   check_like(weight, x, "rms_norm: weight", "x");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: weight must be (", x.size(-1),
               ",), got ", weight.sizes());
-  return x.size(-1);
+  const int64_t rows = x.numel() / x.size(-1);
+  TORCH_CHECK(rows < (int64_t(1) << 31), op, ": too many rows (", rows, ")");
+  return {x.size(-1), rows};
 }
 
 template <typename T, typename Launch>
-void launch_rows(int vec, Launch&& launch) {
+void with_vec(int vec, Launch&& launch) {
   if (vec == 16 / static_cast<int>(sizeof(T))) {
     launch(std::integral_constant<int, 16 / sizeof(T)>{});
   } else {
@@ -60,17 +64,16 @@ void launch_rows(int vec, Launch&& launch) {
 }
 
 at::Tensor rms_norm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
-  const int64_t h = check_norm(x_in, weight_in);
+  int64_t h, rows;  // plain names: lambdas below capture them (structured bindings need C++20 for that)
+  std::tie(h, rows) = check_norm(x_in, weight_in, "rms_norm");
   const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous();
   at::Tensor y = at::empty_like(x);
-  const int64_t rows = x.numel() / h;
   if (rows == 0) return y;
-  TORCH_CHECK(rows < (int64_t(1) << 31), "rms_norm: too many rows (", rows, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_float(x.scalar_type(), "rms_norm: x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_rows<T>(vec_width(sizeof(T), h, {&x, &w, &y}), [&](auto vec) {
+    with_vec<T>(vec_width(sizeof(T), h, {&x, &w, &y}), [&](auto vec) {
       layer::rms_norm_kernel<T, decltype(vec)::value><<<rows, layer::kRowThreads, 0, stream>>>(
           static_cast<const T*>(x.data_ptr()), static_cast<const T*>(w.data_ptr()), static_cast<T*>(y.data_ptr()),
           h, static_cast<float>(eps));
@@ -82,20 +85,19 @@ at::Tensor rms_norm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, do
 
 at::Tensor rms_norm_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight_in,
                                   double eps) {
-  const int64_t h = check_norm(x_in, weight_in);
+  int64_t h, rows;  // plain names: lambdas below capture them (structured bindings need C++20 for that)
+  std::tie(h, rows) = check_norm(x_in, weight_in, "rms_norm_backward");
   check_like(grad_in, x_in, "rms_norm_backward: grad", "x");
   TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "rms_norm_backward: grad must be ", x_in.sizes(), ", got ",
               grad_in.sizes());
   const at::Tensor g = grad_in.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous();
   at::Tensor dx = at::empty_like(x);
-  const int64_t rows = x.numel() / h;
   if (rows == 0) return dx;
-  TORCH_CHECK(rows < (int64_t(1) << 31), "rms_norm_backward: too many rows (", rows, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_float(x.scalar_type(), "rms_norm_backward: x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_rows<T>(vec_width(sizeof(T), h, {&g, &x, &w, &dx}), [&](auto vec) {
+    with_vec<T>(vec_width(sizeof(T), h, {&g, &x, &w, &dx}), [&](auto vec) {
       layer::rms_norm_backward_kernel<T, decltype(vec)::value><<<rows, layer::kRowThreads, 0, stream>>>(
           static_cast<const T*>(g.data_ptr()), static_cast<const T*>(x.data_ptr()),
           static_cast<const T*>(w.data_ptr()), static_cast<T*>(dx.data_ptr()), h, static_cast<float>(eps));
@@ -159,7 +161,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_in, const at::Tensor& up_in) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_float(g.scalar_type(), "swiglu: gate", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_rows<T>(vec_width(sizeof(T), n, {&g, &u, &out}), [&](auto vec) {
+    with_vec<T>(vec_width(sizeof(T), n, {&g, &u, &out}), [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       layer::swiglu_kernel<T, V><<<elementwise_ctas(n / V, g.get_device()), 256, 0, stream>>>(
           static_cast<const T*>(g.data_ptr()), static_cast<const T*>(u.data_ptr()), static_cast<T*>(out.data_ptr()),
@@ -182,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cuda(const at::Tensor& grad_i
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_cuda_float(g.scalar_type(), "swiglu_backward: gate", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_rows<T>(vec_width(sizeof(T), n, {&dh, &g, &u, &dg, &du}), [&](auto vec) {
+    with_vec<T>(vec_width(sizeof(T), n, {&dh, &g, &u, &dg, &du}), [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       layer::swiglu_backward_kernel<T, V><<<elementwise_ctas(n / V, g.get_device()), 256, 0, stream>>>(
           static_cast<const T*>(dh.data_ptr()), static_cast<const T*>(g.data_ptr()),
