@@ -65,7 +65,7 @@ class StepConfig:
     loss_chunk: int  # rows per piece of the fused head + loss; 0: full logits (the readable path)
     keep_last: int = 0  # with checkpointing, the last N layers keep their activations
     lora_path: str = "fused"  # lora_fused.LORA_PATHS: the LoRA branch (TrainConfig's default is "fused")
-    fused_ops: str = "compile"  # RMSNorm / RoPE / SwiGLU on the GPU: fused.BACKENDS, or "off" (eager ops)
+    fused_ops: str = "auto"  # RMSNorm / RoPE / SwiGLU on the GPU: fused.BACKENDS, "auto" (its default), "off" (eager)
 
 
 CONFIGS = (
@@ -84,10 +84,10 @@ CONFIGS = (
     StepConfig("full+offload+eager", "full", True, 256, lora_path="reference", fused_ops="off"),
     StepConfig("full+offload+eager-ops", "full", True, 256, fused_ops="off"),  # each of the two changes alone
     StepConfig("full+offload+ref-lora", "full", True, 256, lora_path="reference"),
-    # The elementwise ops as minqlora's CUDA kernels (fused.py's "extension" backend) instead of compiled ones.
-    StepConfig("none+ext", "none", False, 1024, fused_ops="extension"),
-    StepConfig("full+ext", "full", False, 1024, fused_ops="extension"),
-    StepConfig("full+offload+ext", "full", True, 256, fused_ops="extension"),
+    # The elementwise ops compiled by torch.compile (fused.py's "compile" backend) instead of minqlora's kernels.
+    StepConfig("none+compile", "none", False, 1024, fused_ops="compile"),
+    StepConfig("full+compile", "full", False, 1024, fused_ops="compile"),
+    StepConfig("full+offload+compile", "full", True, 256, fused_ops="compile"),
 )
 QUICK = ("none", "selective", "selective-keep4", "full", "full+offload", "full+offload+eager")
 
@@ -130,7 +130,7 @@ def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     """A closure running one optimizer step of `model` under `cfg`, and a function freeing its state."""
     set_lora_path(model, cfg.lora_path)
     on = cfg.fused_ops != "off" and device.type == "cuda"
-    fused.set_fused(on, backend=cfg.fused_ops if on else "compile")
+    fused.set_fused(on, backend=None if cfg.fused_ops in ("auto", "off") else cfg.fused_ops)
     model.gradient_checkpointing = cfg.checkpointing
     model.model.offload_checkpoints = cfg.offload
     model.model.keep_last_layers = cfg.keep_last

@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_train.sh dist8b                  # --parallel none / ddp / fsdp2 on one GPU (NCCL), 8B shape
 #   bash benchmarks/gpu_train.sh profile8b optim         # torch.profiler of the 8B step; PagedAdamW over 448 tensors
 #   CTX70B="8192 16384" bash benchmarks/gpu_train.sh ctx70b   # other lengths for a context stage (CTX8B likewise)
-#   bash benchmarks/gpu_train.sh fused8b       # the elementwise ops compiled vs minqlora's kernels vs eager
+#   bash benchmarks/gpu_train.sh fused8b       # the elementwise ops as minqlora's kernels vs compiled vs eager
 #   PROFILE_BATCH=4x2048 PROFILE_CONFIGS="none full" bash benchmarks/gpu_train.sh profile8b
 #
 # Stage times (estimates, one H200): tests 1 min, step8b 1.5 min, step70b 3 min, ctx70b 2 min, ctx8b 3 min,
@@ -48,7 +48,7 @@ for stage in "$@"; do
                  --configs ${PROFILE_CONFIGS:-none full+offload} --profile 30 ;;
     optim) python3 benchmarks/bench_optim.py --device cuda --shape 16 4096 ;;
     fused8b) python3 benchmarks/bench_step.py --shape llama-3-8b --only minqlora --warmup 2 --steps 3 \
-               --configs none none+ext full full+ext full+offload full+offload+ext full+offload+eager \
+               --configs none none+compile full full+compile full+offload full+offload+compile full+offload+eager \
                --json "$OUT/fused8b.json" ;;
     load8b) python3 benchmarks/bench_load.py --shape llama-3-8b --dir /tmp/ckpt-8b --device cuda \
               --json "$OUT/load8b.json" ;;

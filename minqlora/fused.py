@@ -10,11 +10,14 @@ for every matmul of the step together.
 
 call(fn, *args) is the dispatcher model.py uses. Where fusion is on for the tensor's device (CUDA by default;
 set_fused, or MINQLORA_FUSED=0 to turn it off) it runs fn's autograd Function below, on one of two backends
-(BACKENDS). "compile" (the default): the forward is fn itself compiled by torch.compile (Inductor: one generated
-kernel, each tensor read and written once), the backward is the hand-derived gradient, compiled the same way.
-"extension" (set_fused(True, backend="extension") or MINQLORA_FUSED=extension): the same two functions as
-minqlora's CUDA kernels (csrc/cuda/layer_kernels.cuh), which cost the host one dispatch per op where a compiled
-call costs dozens of microseconds; not yet measured against "compile" on a GPU, so not the default.
+(BACKENDS). "extension" (the default wherever minqlora was built with its CUDA kernels): the forward and the
+hand-derived backward as minqlora's CUDA kernels (csrc/cuda/layer_kernels.cuh), one C++ dispatch and one launch per
+op. "compile" (the default of a build without them; MINQLORA_FUSED=compile or set_fused(True, backend="compile")):
+the forward is fn itself compiled by torch.compile (Inductor: one generated kernel, each tensor read and written
+once), the backward the hand-derived gradient, compiled the same way; a compiled call costs the host far more, so it
+takes only large tensors (MIN_FUSED_ELEMENTS). Measured on an H200 (benchmarks/README.md): the extension ties
+compile at 4 × 2048 tokens and wins where compile's threshold leaves the eager ops (8B-shaped QLoRA step without
+checkpointing at 2 × 1024: 10,382 tok/s against 7,708; batch-1 decode 214 tok/s against 165).
 Writing the backward out (instead of letting AOTAutograd derive it) keeps the compiled functions to no-grad graphs: one variant per dtype and rank rather than one per grad mode and
 requires_grad pattern, which exceeded dynamo's recompile limit in a test session, and a backward that saves only what
 it needs (RoPE saves cos and sin, not q and k). Elsewhere — fusion off, a CPU, inside an outer torch.compile (which
@@ -98,38 +101,52 @@ def _swiglu_backward(grad, gate, up):
 # -- the fused path -----------------------------------------------------------------------------------------------
 
 # Two implementations of each spec function and its gradient on the fused path (BACKENDS):
-#   "compile"    torch.compile of the Python functions above (Inductor's Triton kernels): the measured default.
 #   "extension"  minqlora's own CUDA kernels (csrc/cuda/layer_kernels.cuh, through torch.ops.minqlora): one C++
-#                dispatch and one launch per op instead of dynamo's guards and Inductor's wrapper, and forward
-#                outputs that round like the eager ops. All tensor arguments must share one dtype.
+#                dispatch and one launch per op, and forward outputs that round like the eager ops. All tensor
+#                arguments must share one dtype. The default where the kernels are built (module docstring).
+#   "compile"    torch.compile of the Python functions above (Inductor's Triton kernels).
 BACKENDS = ("compile", "extension")
-_setting = os.environ.get("MINQLORA_FUSED", "compile")  # "0" turns fusion off
+_setting = os.environ.get("MINQLORA_FUSED", "auto")  # "0" turns fusion off; "auto" (or unset): default_backend()
 _devices = ("cuda",) if _setting != "0" else ()  # device types that take the fused path
-_backend = _setting if _setting in BACKENDS else "compile"
-# The smallest first argument (elements) that takes the compiled path. A compiled call costs the host far more than
+_backend: str | None = _setting if _setting in BACKENDS else None  # None: default_backend(), at the first call
+# The smallest first argument (elements) that takes the fused path. A compiled call costs the host far more than
 # an eager kernel launch (torch.profiler, 8B shape on an H200: 376 µs of CPU per fused RMSNorm call, against 9 µs
 # per cudaLaunchKernel), so small steps, which the host already cannot feed fast enough, get slower: a whole QLoRA
-# step (full checkpointing + offload) at 2 × 1024 tokens ran at 5,260 tok/s fused and 5,885 eager; at 4 × 2048,
-# 8,824 fused and 7,196 eager. 8,192 tokens × 4,096 wide is the smallest fused size measured to win. The
+# step (full checkpointing + offload) at 2 × 1024 tokens ran at 5,260 tok/s compiled and 5,885 eager; at 4 × 2048,
+# 8,824 compiled and 7,196 eager. 8,192 tokens × 4,096 wide is the smallest compiled size measured to win. The
 # extension's ops cost the host what an eager op does, so they take every size.
 MIN_FUSED_ELEMENTS = {"compile": 8192 * 4096, "extension": 0}
-_min_elements = MIN_FUSED_ELEMENTS[_backend]
+_min_elements: int | None = None  # None: MIN_FUSED_ELEMENTS of the backend
 _compiled: dict[Callable, Callable] = {}
 
 
-def set_fused(on: bool, cpu: bool = False, min_elements: int | None = None, backend: str = "compile") -> None:
+def set_fused(on: bool, cpu: bool = False, min_elements: int | None = None, backend: str | None = None) -> None:
     """Turn the fused paths on (for CUDA tensors; with cpu=True for CPU tensors too, "compile" backend only) or off,
     for every later call, for first arguments of at least min_elements elements (None: the backend's
-    MIN_FUSED_ELEMENTS). Compiled functions stay in the cache either way."""
+    MIN_FUSED_ELEMENTS). backend None: default_backend() ("compile" with cpu=True). Compiled functions stay cached."""
     global _devices, _min_elements, _backend
+    if backend is None:
+        backend = "compile" if cpu else default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if on and backend == "extension" and (cpu or not has_extension_kernels()):
         raise ValueError("the 'extension' backend runs minqlora's CUDA kernels: it needs a CUDA build of minqlora "
                          "(has_extension_kernels()) and CUDA tensors (cpu=False)")
     _devices = (("cuda", "cpu") if cpu else ("cuda",)) if on else ()
-    _backend = backend
-    _min_elements = MIN_FUSED_ELEMENTS[backend] if min_elements is None else min_elements
+    _backend, _min_elements = backend, min_elements
+
+
+def default_backend() -> str:
+    """"extension" where minqlora was built with its CUDA kernels, else "compile"."""
+    return "extension" if has_extension_kernels() else "compile"
+
+
+def current_backend() -> str:
+    """The backend the fused path runs on now."""
+    global _backend
+    if _backend is None:
+        _backend = default_backend()
+    return _backend
 
 
 def fused_devices() -> tuple[str, ...]:
@@ -181,8 +198,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         ctx.save_for_backward(x, weight)
-        ctx.eps, ctx.backend = eps, _backend  # backward runs on the forward's backend
-        return implementation(rms_norm, _backend)(x, weight, eps)
+        ctx.eps, ctx.backend = eps, current_backend()  # backward runs on the forward's backend
+        return implementation(rms_norm, ctx.backend)(x, weight, eps)
 
     @staticmethod
     def backward(ctx, grad):
@@ -194,8 +211,8 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        ctx.backend = _backend
-        return implementation(rope_qk, _backend)(q, k, cos, sin)
+        ctx.backend = current_backend()
+        return implementation(rope_qk, ctx.backend)(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
@@ -207,8 +224,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        ctx.backend = _backend
-        return implementation(swiglu, _backend)(gate, up)
+        ctx.backend = current_backend()
+        return implementation(swiglu, ctx.backend)(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
@@ -223,9 +240,11 @@ def call(fn: Callable, *args):
     """fn(*args) through its fused Function where that applies (module docstring), else fn(*args) as written."""
     function, no_grad_args = FUSED[fn]
     x = args[0]
-    if (x.device.type not in _devices or x.numel() < _min_elements or torch.compiler.is_compiling()
-            or _get_current_dispatch_mode() is not None
+    if x.device.type not in _devices or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return fn(*args)
+    on = current_backend()
+    if (x.numel() < (MIN_FUSED_ELEMENTS[on] if _min_elements is None else _min_elements)
             or (torch.is_grad_enabled() and any(args[i].requires_grad for i in no_grad_args))
-            or (_backend == "extension" and any(isinstance(a, torch.Tensor) and a.dtype != x.dtype for a in args))):
+            or (on == "extension" and any(isinstance(a, torch.Tensor) and a.dtype != x.dtype for a in args))):
         return fn(*args)
     return function.apply(*args)

@@ -100,6 +100,19 @@ def test_a_model_trains_the_same_through_the_fused_ops(cpu_fusion):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_default_backend_is_the_extension_where_it_is_built():
+    expected = "extension" if fused.has_extension_kernels() else "compile"
+    assert fused.default_backend() == expected
+    before = fused.fused_devices()
+    try:
+        fused.set_fused(True)
+        assert fused.current_backend() == expected
+        fused.set_fused(True, cpu=True)  # CPU tensors take the compiled path: the extension's kernels are CUDA's
+        assert fused.current_backend() == "compile"
+    finally:
+        fused.set_fused(bool(before), cpu="cpu" in before)
+
+
 def test_extension_backend_needs_cuda_kernels_and_has_fake_kernels():
     if not fused.has_extension_kernels():  # a CPU build (CI): refused with the reason
         with pytest.raises(ValueError, match="CUDA build"):

@@ -21,6 +21,7 @@ BACKENDS = pytest.mark.parametrize("backend", fused.BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_functions_equal_the_eager_ones_on_cuda(backend, dtype):
     assert "cuda" in fused.fused_devices(), "fusion is on for CUDA tensors by default"
+    assert fused.current_backend() == "extension", "a CUDA build defaults to its own kernels"
     fused.set_fused(True, min_elements=0, backend=backend)  # these tensors are far below the size where fusion pays
     try:
         check_against_eager("cuda", dtype, expect_compiled=backend == "compile")
