@@ -132,13 +132,24 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int ctas = elementwise_ctas(x.numel() / 2, x.get_device());
+  // rope_vec_kernel where the head dim is dense and every row start is 16-byte aligned, else the strided kernel.
+  const int64_t vec = 16 / x.element_size();
+  bool dense = sh.xs[3] == 1 && sh.os[3] == 1 && sh.cs[2] == 1 && sh.ss[2] == 1 && (sh.d / 2) % vec == 0;
+  for (int i = 0; i < 3 && dense; ++i) dense = sh.xs[i] % vec == 0 && sh.os[i] % vec == 0;
+  for (int i = 0; i < 2 && dense; ++i) dense = sh.cs[i] % vec == 0 && sh.ss[i] % vec == 0;
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &cos, &sin, &out})
+    dense = dense && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+  const int ctas = elementwise_ctas(x.numel() / 2 / (dense ? vec : 1), x.get_device());
   dispatch_cuda_float(x.scalar_type(), "rope: x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    layer::rope_kernel<T><<<ctas, 256, 0, stream>>>(static_cast<const T*>(x.data_ptr()),
-                                                    static_cast<const T*>(cos.data_ptr()),
-                                                    static_cast<const T*>(sin.data_ptr()),
-                                                    static_cast<T*>(out.data_ptr()), sh, transpose);
+    const T *xp = static_cast<const T*>(x.data_ptr()), *cp = static_cast<const T*>(cos.data_ptr()),
+            *sp = static_cast<const T*>(sin.data_ptr());
+    T* op = static_cast<T*>(out.data_ptr());
+    if (dense) {
+      layer::rope_vec_kernel<T, 16 / sizeof(T)><<<ctas, 256, 0, stream>>>(xp, cp, sp, op, sh, transpose);
+    } else {
+      layer::rope_kernel<T><<<ctas, 256, 0, stream>>>(xp, cp, sp, op, sh, transpose);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -40,7 +40,11 @@ def test_extension_forwards_round_like_the_eager_ops(dtype):
     pos = torch.arange(300, device="cuda")[None, :, None] * 0.01
     ang = torch.cat([pos * torch.arange(1, 65, device="cuda")] * 2, dim=-1).expand(2, 300, 128)
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
-    assert torch.equal(ops.rope(q, cos, sin), fused.apply_rope(q, cos, sin))
+    assert torch.equal(ops.rope(q, cos, sin), fused.apply_rope(q, cos, sin))  # dense head dim: the vector kernel
+    # The same values one element off 16-byte alignment take the strided kernel: the two agree both ways.
+    q_odd = torch.empty(2, 300, 8, 129, device="cuda", dtype=dtype)[..., 1:].transpose(1, 2).copy_(q)
+    for transpose in (False, True):
+        assert torch.equal(ops.rope(q_odd, cos, sin, transpose), ops.rope(q, cos, sin, transpose))
     g, u = rand(7, 14336), rand(7, 14336)
     assert torch.equal(ops.swiglu(g, u), fused.swiglu(g, u))
     assert torch.equal(ops.swiglu(g[:, 1:], u[:, 1:]), fused.swiglu(g[:, 1:], u[:, 1:]))  # unaligned: one by one
