@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 import hf_baseline  # benchmarks/: the transformers + peft + bitsandbytes side
-from minqlora import fused
+from minqlora import fused, lora_fused
 from minqlora.data import Batch
 from minqlora.lora import add_lora
 from minqlora.lora_fused import set_lora_path
@@ -66,6 +66,7 @@ class StepConfig:
     keep_last: int = 0  # with checkpointing, the last N layers keep their activations
     lora_path: str = "fused"  # lora_fused.LORA_PATHS: the LoRA branch (TrainConfig's default is "fused")
     fused_ops: str = "auto"  # RMSNorm / RoPE / SwiGLU on the GPU: fused.BACKENDS, "auto" (its default), "off" (eager)
+    lora_min_rows: int = lora_fused.CUDA_MIN_ROWS  # on a GPU, fewer rows take LoRALinear's own branch
 
 
 CONFIGS = (
@@ -88,6 +89,9 @@ CONFIGS = (
     StepConfig("none+compile", "none", False, 1024, fused_ops="compile"),
     StepConfig("full+compile", "full", False, 1024, fused_ops="compile"),
     StepConfig("full+offload+compile", "full", True, 256, fused_ops="compile"),
+    # The fused LoRA branch at every size (lora_fused.CUDA_MIN_ROWS = 0), with its counter-based dropout.
+    StepConfig("none+lora-all", "none", False, 1024, lora_min_rows=0),
+    StepConfig("full+offload+lora-all", "full", True, 256, lora_min_rows=0),
 )
 QUICK = ("none", "selective", "selective-keep4", "full", "full+offload", "full+offload+eager")
 
@@ -129,6 +133,7 @@ def optimizer_step(loss_fn, params, opt):
 def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     """A closure running one optimizer step of `model` under `cfg`, and a function freeing its state."""
     set_lora_path(model, cfg.lora_path)
+    lora_fused.CUDA_MIN_ROWS = cfg.lora_min_rows
     on = cfg.fused_ops != "off" and device.type == "cuda"
     fused.set_fused(on, backend=None if cfg.fused_ops in ("auto", "off") else cfg.fused_ops)
     model.gradient_checkpointing = cfg.checkpointing

@@ -50,6 +50,10 @@ TORCH_LIBRARY(minqlora, m) {
   // fused.swiglu: silu(gate) * up, and fused._swiglu_backward: (d gate, d up).
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // dropout.dropout_copies_ref: (copies, *x.shape), copy c = x * keep_c, the counter-based mask of (seed, c*numel + i)
+  // with P(drop) = p[c] (p of length 1 or copies); dropout.dropout_sum_ref: sum_c g[c] * keep_c, its gradient.
+  m.def("dropout_copies(Tensor x, int seed, float[] p, int copies) -> Tensor");
+  m.def("dropout_sum(Tensor g, int seed, float[] p) -> Tensor");
 
   // ---- optimizer and paging (optim.py) ----
   // optim.adamw_step_ref: one fused AdamW step with float32 m, v; p (f32/f16/bf16), m, v updated in place.

@@ -14,9 +14,12 @@ set_lora_path(model, "reference") sends them back. What changes, and why:
   to it once per call. x itself is never cast to float32.
 - The output is one addmm per layer, y + (s / (1 - p))·h·Bᵀ: the dropout's 1/(1 - p) rides in addmm's alpha
   instead of a pass over x.
-- A dropout mask is a comparison of 32 random bits per element against a threshold (keep_mask), drawn as int64
-  words, instead of bernoulli_, which was 28 % of a CPU QLoRA step on an AMX Xeon; on an AVX2 EPYC the new masks cost
-  40 % of bernoulli_'s time (benchmarks/README.md, bench_train.py).
+- A dropout mask is never stored: dropout.py's counter-based mask is a hash of (seed, element index), one seed per
+  group and step, so the branch's autograd Function (_DroppedDown) keeps only x for its backward and draws the mask
+  again there. Autograd of x·mask kept a bool mask and a dropped copy of x per adapter (9 bytes per element of x
+  for q/k/v, in bf16, against 2). Each mask pass is one kernel (dropout_copies / dropout_sum) that reads x once for
+  all of a group's copies, where masks from torch's generator took three passes (random int64 words, a comparison,
+  a multiply), and bernoulli_ had been 28 % of a CPU QLoRA step on an AMX Xeon.
 
 Dropout modes. "fused" keeps peft's math: each layer draws its own mask, so with dropout on the group's
 down-projections are separate matmuls over separately dropped inputs (one mask draw for the group); with dropout 0 or
@@ -26,18 +29,18 @@ layer instead of 7. Each adapter still sees Bernoulli(1 - p) dropout of its inpu
 the same positions within a step. In both modes P(drop) is p rounded to a multiple of 2⁻³² (bernoulli_ on float32
 rounds at 2⁻²⁴).
 
-Leaves out: fusing the B matrices (their outputs go to different tensors), hand-written backward passes (autograd
-of the ops above saves the bool mask, the dropped input and h: what peft's path saves, less the float32 copies).
+Leaves out: fusing the B matrices (their outputs go to different tensors), and the dropped copies themselves: they
+are written once per pass and read by cuBLAS (a kernel that masks x inside the skinny matmul would not write them).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from . import dropout
 from .lora import LoRALinear, lora_modules
 
 LORA_PATHS = ("fused", "shared-dropout", "reference")
@@ -50,21 +53,40 @@ CUDA_MIN_ROWS = 8192
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def keep_mask(shape: Sequence[int], p: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Boolean tensor of `shape`, each element True (keep) with probability 1 - p, independently.
+class _DroppedDown(torch.autograd.Function):
+    """h = [(x ⊙ keep_c)·A_cᵀ]_c concatenated, (N, Σr): copy c of dropout.dropout_copies for member c (copies =
+    members), or one copy for all (copies = 1: shared dropout, a group of one). Saves x and A, not the masks."""
 
-    p is a float or a tensor broadcasting against `shape` (one probability per leading slice). Each element compares
-    32 random bits, one half of an int64 from the default generator of `device`, with round(p·2³²): on the CPU that
-    is one Mersenne-Twister word per element and no float conversion, where bernoulli_ costs several times more.
-    """
-    n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2**63, None)  # all 64 bits random
-    lanes = words.view(torch.int32)[:n].view(shape)  # uniform on [-2³¹, 2³¹)
-    if isinstance(p, torch.Tensor):
-        threshold = (p.double() * 2**32).round().sub(2**31).to(device=device, dtype=torch.int64)
-    else:
-        threshold = round(p * 2**32) - 2**31
-    return lanes >= threshold  # P(keep) = (2³¹ - threshold) / 2³² = 1 - round(p·2³²)/2³²
+    @staticmethod
+    def forward(ctx, x2, a, seed: int, ps: list[float], rs: list[int], copies: int):
+        # x2 (N, in), a (Σr, in), both in the compute dtype
+        xd = torch.ops.minqlora.dropout_copies(x2, seed, ps, copies)  # (copies, N, in)
+        h = xd[0] @ a.t() if copies == 1 else torch.cat([xd[c] @ ac.t() for c, ac in enumerate(a.split(rs))], 1)
+        ctx.save_for_backward(x2, a)
+        ctx.seed, ctx.ps, ctx.rs, ctx.copies = seed, ps, rs, copies
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x2, a = ctx.saved_tensors
+        ops, seed, ps, rs, copies = torch.ops.minqlora, ctx.seed, ctx.ps, ctx.rs, ctx.copies
+        grad_x = grad_a = None
+        xd = ops.dropout_copies(x2, seed, ps, copies) if ctx.needs_input_grad[1] else None  # the same masks again
+        if copies == 1:
+            if ctx.needs_input_grad[1]:
+                grad_a = grad_h.t() @ xd[0]  # (Σr, in)
+            if ctx.needs_input_grad[0]:
+                grad_x = ops.dropout_sum((grad_h @ a).unsqueeze(0), seed, ps)
+        else:
+            gs, as_ = grad_h.split(rs, 1), a.split(rs)
+            if ctx.needs_input_grad[1]:
+                grad_a = torch.cat([g.t() @ xd[c] for c, g in enumerate(gs)])
+            if ctx.needs_input_grad[0]:
+                per_copy = grad_h.new_empty((copies, *x2.shape))  # (copies, N, in): member c's g_c·A_c, masked below
+                for c, (g, ac) in enumerate(zip(gs, as_)):
+                    torch.mm(g, ac, out=per_copy[c])
+                grad_x = ops.dropout_sum(per_copy, seed, ps)
+        return grad_x, grad_a, None, None, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -128,14 +150,13 @@ class LoRAGroup:
         a = torch.cat([m.lora_A.weight for m in live]) if len(live) > 1 else live[0].lora_A.weight
         a = a.to(dtype)  # (Σr, in), one cast for the group
         ps = [m.dropout if training else 0.0 for m in live]
-        if self.shared_dropout or not any(ps):
-            p = ps[0]
-            xd = x2 * keep_mask(x2.shape, p, x.device) if p else x2  # one mask for the group (or none)
-            hs = (xd @ a.t()).split([m.r for m in live], dim=1)  # (N, Σr) -> (N, r) per member
+        rs = [m.r for m in live]
+        if not any(ps):
+            h = x2 @ a.t()  # no dropout: one matmul for the group
         else:
-            p = ps[0] if len(set(ps)) == 1 else torch.tensor(ps).view(-1, 1, 1)  # one probability per member
-            keep = keep_mask((len(live),) + tuple(x2.shape), p, x.device)  # one draw for the group
-            hs = [(x2 * k) @ am.t() for k, am in zip(keep, a.split([m.r for m in live]))]  # (N, r) per member
+            copies = 1 if self.shared_dropout or len(live) == 1 else len(live)
+            h = _DroppedDown.apply(x2, a, dropout.draw_seed(), ps if len(set(ps)) > 1 else ps[:1], rs, copies)
+        hs = h.split(rs, dim=1)  # (N, Σr) -> (N, r) per member
         self._h = {id(m): (h, 1.0 / (1.0 - p)) for m, h, p in zip(live, hs, ps)}
         self._x, self._version, self._grad = x, _version_of(x), torch.is_grad_enabled()
 

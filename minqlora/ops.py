@@ -84,6 +84,16 @@ def _(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("minqlora::dropout_copies")
+def _(x, seed, p, copies):
+    return x.new_empty((copies, *x.shape))
+
+
+@torch.library.register_fake("minqlora::dropout_sum")
+def _(g, seed, p):
+    return g.new_empty(g.shape[1:])
+
+
 @torch.library.register_fake("minqlora::swiglu_backward")
 def _(grad, gate, up):
     return (torch.empty_like(gate, memory_format=torch.contiguous_format),

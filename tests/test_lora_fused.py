@@ -1,6 +1,6 @@
 """lora_fused.py against the reference LoRALinear.forward: the same outputs and gradients on tiny Llamas (fp32 within
 rounding, bf16 autocast within bf16 rounding, with and without gradient checkpointing), one down-projection matmul
-per distinct input, the dropout masks of both modes reconstructed by hand, keep_mask's statistics, grouping rules,
+per distinct input, the dropout masks of both modes reconstructed by hand, the dropout Function's gradients, grouping rules,
 copies, merged members, and 20 training steps of sft.train whose losses match the reference path.
 
 Covers CPU. Leaves out CUDA (tests/cuda/test_lora_cuda.py) and speed (benchmarks/bench_train.py).
@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import LoRALinear, add_lora, lora_modules, merge_lora
-from minqlora.lora_fused import LoRAGroup, keep_mask, set_lora_path
+from minqlora import dropout
+from minqlora.lora_fused import LoRAGroup, _DroppedDown, set_lora_path
 from minqlora.model import Llama, LlamaConfig
 from minqlora.sft import TrainConfig, train
 from minqlora.tokenizer import Tokenizer
@@ -181,12 +182,13 @@ def test_one_down_projection_per_distinct_input(path, training):
 
 
 def masked_inputs(path, p, seed):
-    """The fused model's dropped inputs, reconstructed: the same draws in the same order as the forward makes them."""
+    """The fused model's dropped inputs, reconstructed: one seed per group, drawn in the order the forward draws them,
+    and the counter-based mask of each (copies = members in "fused", one in "shared-dropout")."""
     torch.manual_seed(seed)
     n, d, f = IDS.numel(), 32, 48
-    if path == "shared-dropout":  # per layer: attention input, o_proj input, MLP input, down_proj input
-        return [keep_mask((n, w), p, torch.device("cpu")) for _ in range(2) for w in (d, d, d, f)]
-    return [keep_mask((k, n, w), p, torch.device("cpu")) for _ in range(2) for k, w in ((3, d), (1, d), (2, d), (1, f))]
+    groups = ((3, d), (1, d), (2, d), (1, f))  # per layer: q/k/v, o_proj, gate/up, down_proj inputs
+    return [dropout.keep_mask(dropout.draw_seed(), (1 if path == "shared-dropout" else k, n, w), [p])
+            for _ in range(2) for k, w in groups]
 
 
 @pytest.mark.parametrize("path", ["fused", "shared-dropout"])
@@ -222,41 +224,45 @@ def test_dropout_masks_per_module_or_per_input(path):
                 m = lora_modules(model)[name]
                 x, y = seen[name]
                 x2 = x.reshape(-1, x.shape[-1])
-                k = keep if path == "shared-dropout" else keep[i]
+                k = keep[0] if path == "shared-dropout" else keep[i]
                 want = m.base_layer(x2) + m.scaling / (1 - p) * (x2 * k) @ m.lora_A.weight.t() @ m.lora_B.weight.t()
                 torch.testing.assert_close(y.reshape(want.shape), want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-# -- keep_mask -------------------------------------------------------------------------------------------------------
+# -- the dropout Function -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
-def test_keep_mask_statistics(p):
-    """Keep rate 1 - p within 6 standard deviations, on even and odd elements alike (each int64 word gives two
-    elements; a half with a constant sign bit would keep everything or nothing), and no correlation between
-    neighbours."""
-    torch.manual_seed(0)
-    n = 1 << 20
-    m = keep_mask((n,), p, torch.device("cpu"))
-    assert m.dtype == torch.bool and m.shape == (n,)
-    sd = (p * (1 - p) / (n / 2)) ** 0.5
-    for half in (m[0::2], m[1::2]):
-        assert abs(half.float().mean().item() - (1 - p)) < 6 * sd
-    a, b = m[:-1].float(), m[1:].float()
-    corr = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
-    assert abs(corr.item()) < 6 / n**0.5
+@pytest.mark.parametrize("copies, ps", [(3, [0.3]), (3, [0.0, 0.5, 0.2]), (1, [0.4])])
+def test_dropped_down_gradients_equal_autograd_of_the_masked_product(copies, ps):
+    """_DroppedDown keeps only x and A and draws its masks again in the backward: its h and the gradients of x and
+    A equal autograd's through (x ⊙ keep_c)·A_cᵀ with the spec's masks."""
+    rs = [2, 3, 4][:copies] if copies > 1 else [2, 3]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 16, generator=gen, requires_grad=True)
+    a = torch.randn(sum(rs), 16, generator=gen, requires_grad=True)
+    seed = 12345
+    h = _DroppedDown.apply(x, a, seed, ps, rs, copies)
+    keep = dropout.keep_mask(seed, (copies, 10, 16), ps).float()
+    xr, ar = x.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    if copies == 1:
+        want = (xr * keep[0]) @ ar.t()
+    else:
+        want = torch.cat([(xr * keep[c]) @ ac.t() for c, ac in enumerate(ar.split(rs))], 1)
+    torch.testing.assert_close(h, want, rtol=0, atol=0)
+    g = torch.randn(h.shape, generator=gen)
+    h.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.grad, ar.grad, rtol=1e-6, atol=1e-6)
 
 
-def test_keep_mask_edges_and_per_slice_probabilities():
-    cpu = torch.device("cpu")
-    assert keep_mask((3, 5), 0.0, cpu).all()
-    assert keep_mask((7,), 1e-12, cpu).all()  # rounds to 0 at 2^-32
-    torch.manual_seed(1)
-    m = keep_mask((2, 1 << 18), torch.tensor([0.0, 0.9]).view(2, 1), cpu)
-    assert m[0].all() and abs(m[1].float().mean().item() - 0.1) < 0.005
-    torch.manual_seed(2)
-    a = keep_mask((5, 9), 0.5, cpu)
-    torch.manual_seed(2)
-    assert torch.equal(a, keep_mask((5, 9), 0.5, cpu))  # the default generator's state decides the mask
+def test_dropped_down_saves_no_mask():
+    """What autograd keeps between forward and backward: x and A (views of them), nothing the size of a mask."""
+    x = torch.randn(64, 32, requires_grad=True)
+    a = torch.randn(12, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _DroppedDown.apply(x, a, 7, [0.1], [4, 4, 4], 3)
+    assert sorted(t.numel() for t in saved) == [a.numel(), x.numel()]
 
 
 # -- grouping, copies, merges ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 #include <tuple>
 #include <utility>
 
+#include "elementwise_launch.h"
 #include "float_dispatch.h"
 #include "layer_kernels.cuh"
 
@@ -25,22 +26,6 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, co
               ref.scalar_type(), ", got ", t.scalar_type());
 }
 
-// 16-byte packs when every row start and pointer allows them, else one element at a time.
-int vec_width(int64_t elem_bytes, int64_t h, std::initializer_list<const at::Tensor*> ts) {
-  const int64_t vec = 16 / elem_bytes;
-  if (h % vec) return 1;
-  for (const at::Tensor* t : ts)
-    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16) return 1;
-  return static_cast<int>(vec);
-}
-
-// Grid of a grid-stride elementwise kernel: enough 256-thread CTAs for `work` items, at most 8 per SM resident.
-int elementwise_ctas(int64_t work, int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + 255) / 256, int64_t(sms) * 8)));
-}
-
 // The row view shared by both RMSNorm ops: x (..., h) with rows = numel / h, weight (h,). Returns {h, rows}; rows
 // is the grid's x dimension, so below 2^31.
 std::pair<int64_t, int64_t> check_norm(const at::Tensor& x, const at::Tensor& weight, const char* op) {
@@ -52,15 +37,6 @@ std::pair<int64_t, int64_t> check_norm(const at::Tensor& x, const at::Tensor& we
   const int64_t rows = x.numel() / x.size(-1);
   TORCH_CHECK(rows < (int64_t(1) << 31), op, ": too many rows (", rows, ")");
   return {x.size(-1), rows};
-}
-
-template <typename T, typename Launch>
-void with_vec(int vec, Launch&& launch) {
-  if (vec == 16 / static_cast<int>(sizeof(T))) {
-    launch(std::integral_constant<int, 16 / sizeof(T)>{});
-  } else {
-    launch(std::integral_constant<int, 1>{});
-  }
 }
 
 at::Tensor rms_norm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {

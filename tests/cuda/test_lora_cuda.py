@@ -1,6 +1,6 @@
 """lora_fused.py on the GPU: 20 training steps of a tiny NF4 Llama in bf16, fused path against the reference path
 (same seed, dropout 0: the losses agree within bf16 rounding), every LoRA gradient of one step, both dropout modes
-training, and keep_mask's statistics from the CUDA generator.
+training.
 
 Runs where a GPU is present (tests/cuda/conftest.py). The CPU twins are in tests/test_lora_fused.py.
 """
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import add_lora, lora_modules
 from minqlora import lora_fused
-from minqlora.lora_fused import keep_mask, set_lora_path
+from minqlora.lora_fused import set_lora_path
 from minqlora.model import Llama, LlamaConfig
 from minqlora.optim import PagedAdamW
 
@@ -99,18 +99,6 @@ def test_dropout_paths_train(path):
     model = set_lora_path(tiny_qlora(dropout=0.1), path)
     losses = train_losses(model, steps=10)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-
-
-def test_keep_mask_statistics_cuda():
-    torch.manual_seed(0)
-    n, p = 1 << 22, 0.05
-    m = keep_mask((n,), p, CUDA)
-    assert m.is_cuda and m.dtype == torch.bool
-    sd = (p * (1 - p) / (n / 2)) ** 0.5
-    for half in (m[0::2], m[1::2]):
-        assert abs(half.float().mean().item() - (1 - p)) < 6 * sd
-    assert keep_mask((5, 3), 0.0, CUDA).all()
-    assert not torch.equal(keep_mask((1000,), 0.5, CUDA), keep_mask((1000,), 0.5, CUDA))
 
 
 def test_small_cuda_inputs_take_the_reference_branch(monkeypatch):

@@ -1,0 +1,40 @@
+// Argument checks of the dropout ops and the plan they build, shared by the CPU and CUDA glue so both refuse the
+// same input with the same message. Arithmetic: dropout_math.h; spec: minqlora/dropout.py.
+#pragma once
+
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.h"
+#include "dropout_math.h"
+
+namespace minqlora {
+
+// seed in [0, 2⁶³) (an int64 >= 0), 1 <= copies <= kMaxDropoutCopies, ps of length 1 or copies, each in [0, 1).
+inline DropoutPlan dropout_plan(int64_t seed, at::ArrayRef<double> ps, int64_t copies, const char* op) {
+  TORCH_CHECK(seed >= 0, op, ": seed must be in [0, 2**63), got ", seed);
+  TORCH_CHECK(copies >= 1 && copies <= kMaxDropoutCopies, op, ": copies must be in [1, ", kMaxDropoutCopies,
+              "], got ", copies);
+  TORCH_CHECK(ps.size() == 1 || static_cast<int64_t>(ps.size()) == copies, op, ": ", ps.size(),
+              " probabilities for ", copies, " copies (give 1 or ", copies, ")");
+  DropoutPlan plan{};
+  plan.k1 = mix32(static_cast<uint32_t>(seed));
+  plan.k2 = mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32) ^ 0x9E3779B9u);
+  plan.copies = copies;
+  for (int64_t c = 0; c < copies; ++c) {
+    const double p = ps[ps.size() == 1 ? 0 : c];
+    TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout probability must be in [0, 1), got ", p);
+    plan.threshold[c] = static_cast<uint64_t>(std::nearbyint(p * 4294967296.0));  // round half to even, as Python
+  }
+  return plan;
+}
+
+inline void check_dropout_input(const at::Tensor& x, const char* op, const char* name) {
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", t);
+  TORCH_CHECK(x.numel() < (int64_t(1) << 62) / kMaxDropoutCopies, op, ": ", name, " is too large");
+}
+
+}  // namespace minqlora
