@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 import hf_baseline  # benchmarks/: the transformers + peft + bitsandbytes side
-from minqlora import fused, lora_fused
+from minqlora import fused
 from minqlora.data import Batch
 from minqlora.lora import add_lora
 from minqlora.lora_fused import set_lora_path
@@ -66,7 +66,6 @@ class StepConfig:
     keep_last: int = 0  # with checkpointing, the last N layers keep their activations
     lora_path: str = "fused"  # lora_fused.LORA_PATHS: the LoRA branch (TrainConfig's default is "fused")
     fused_ops: str = "auto"  # RMSNorm / RoPE / SwiGLU on the GPU: fused.BACKENDS, "auto" (its default), "off" (eager)
-    lora_min_rows: int = lora_fused.CUDA_MIN_ROWS  # on a GPU, fewer rows take LoRALinear's own branch
 
 
 CONFIGS = (
@@ -76,9 +75,12 @@ CONFIGS = (
     StepConfig("selective-keep4", "selective", False, 1024, keep_last=4),  # spends memory left under the budget
     StepConfig("selective-keep8", "selective", False, 1024, keep_last=8),
     StepConfig("full", "full", False, 1024),
-    # Full checkpointing spending the 8B shape's memory up to transformers' 24.5 GB at 4 x 2048 (each layer kept
-    # costs about 1.5 GiB there: none 58.9 vs full 9.9 GiB over 32 layers): 9 layers skip the recomputation.
+    # Full checkpointing spending the 8B shape's memory up to transformers' 24.5 GB at 4 x 2048 when a kept layer
+    # cost about 1.5 GiB there (none 58.9 vs full 9.9 GiB over 32 layers, masks stored): 9 layers skip recomputation.
     StepConfig("full-keep9", "full", False, 1024, keep_last=9),
+    # With the counter-based dropout a kept layer costs about 1.0 GB at 4 x 2048 (none 41.4 vs full 9.4 GB): 15
+    # layers spend the memory up to transformers' 24.5 GB there.
+    StepConfig("full-keep15", "full", False, 1024, keep_last=15),
     StepConfig("selective+offload", "selective", True, 1024),
     StepConfig("full+offload", "full", True, 256),
     # The path before lora_fused.py and fused.py: LoRALinear.forward per module, eager elementwise ops.
@@ -89,9 +91,6 @@ CONFIGS = (
     StepConfig("none+compile", "none", False, 1024, fused_ops="compile"),
     StepConfig("full+compile", "full", False, 1024, fused_ops="compile"),
     StepConfig("full+offload+compile", "full", True, 256, fused_ops="compile"),
-    # The fused LoRA branch at every size (lora_fused.CUDA_MIN_ROWS = 0), with its counter-based dropout.
-    StepConfig("none+lora-all", "none", False, 1024, lora_min_rows=0),
-    StepConfig("full+offload+lora-all", "full", True, 256, lora_min_rows=0),
 )
 QUICK = ("none", "selective", "selective-keep4", "full", "full+offload", "full+offload+eager")
 
@@ -133,7 +132,6 @@ def optimizer_step(loss_fn, params, opt):
 def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     """A closure running one optimizer step of `model` under `cfg`, and a function freeing its state."""
     set_lora_path(model, cfg.lora_path)
-    lora_fused.CUDA_MIN_ROWS = cfg.lora_min_rows
     on = cfg.fused_ops != "off" and device.type == "cuda"
     fused.set_fused(on, backend=None if cfg.fused_ops in ("auto", "off") else cfg.fused_ops)
     model.gradient_checkpointing = cfg.checkpointing

@@ -104,7 +104,7 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # (..., out) in the base's output dtype
         if self.merged:
             return y
-        if self.group is not None and self.group.applies(x):
+        if self.group is not None:
             return self.group.forward(self, x, y)
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
         return (y + self.lora_B(h) * self.scaling).to(y.dtype)  # (..., out)

@@ -44,11 +44,6 @@ from . import dropout
 from .lora import LoRALinear, lora_modules
 
 LORA_PATHS = ("fused", "shared-dropout", "reference")
-# On a GPU, "fused" groups run the reference branch for inputs of fewer rows than this: there the step is bound by
-# the host issuing kernels, and the group's extra bookkeeping and ops lost (8B shape, H200, full checkpointing +
-# offload, eager elementwise ops: 2 × 1024 tokens 5,000 tok/s fused vs 5,885 reference; 4 × 2048, 7,705 vs 7,196,
-# benchmarks/README.md). Both compute peft's math. "shared-dropout" changes the math and never falls back.
-CUDA_MIN_ROWS = 8192
 # Projections of one block that always read the same input tensor (model.py: Attention and MLP call them on x).
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -124,10 +119,6 @@ class LoRAGroup:
     def __getstate__(self) -> dict:
         # Copies (copy.deepcopy of a model) carry the members, never a half-taken h: its tensors belong to a graph.
         return {**self.__dict__, "_x": None, "_h": {}}
-
-    def applies(self, x: torch.Tensor) -> bool:
-        """Whether member layers route x through the group (CUDA_MIN_ROWS); otherwise LoRALinear.forward's own."""
-        return self.shared_dropout or not x.is_cuda or x.numel() >= CUDA_MIN_ROWS * x.shape[-1]
 
     def forward(self, member: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """member's output y + s·dropout(x)·Aᵀ·Bᵀ, (..., out) in y's dtype; y = member.base_layer(x)."""

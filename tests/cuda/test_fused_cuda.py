@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from minqlora import fused
-from minqlora import lora_fused
 from minqlora.lora_fused import set_lora_path
 from test_fused import check_against_eager
 from test_lora_cuda import tiny_qlora, train_losses
@@ -69,8 +68,7 @@ def test_extension_ops_check_their_arguments():
 
 @BACKENDS
 @pytest.mark.parametrize("mode", ["none", "full", "offload"])
-def test_training_with_fusion_equals_training_without(backend, mode, monkeypatch):
-    monkeypatch.setattr(lora_fused, "CUDA_MIN_ROWS", 0)
+def test_training_with_fusion_equals_training_without(backend, mode):
     runs = []
     for on in (False, True):
         fused.set_fused(on, min_elements=0, backend=backend)

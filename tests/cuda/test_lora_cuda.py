@@ -13,18 +13,11 @@ import torch.nn.functional as F
 
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import add_lora, lora_modules
-from minqlora import lora_fused
 from minqlora.lora_fused import set_lora_path
 from minqlora.model import Llama, LlamaConfig
 from minqlora.optim import PagedAdamW
 
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(autouse=True)
-def fused_at_any_size(monkeypatch):
-    """These models are far below the row count where the fused branch pays on a GPU; take it anyway."""
-    monkeypatch.setattr(lora_fused, "CUDA_MIN_ROWS", 0)
 
 
 def tiny_qlora(dropout=0.0, seed=0) -> Llama:
@@ -99,14 +92,3 @@ def test_dropout_paths_train(path):
     model = set_lora_path(tiny_qlora(dropout=0.1), path)
     losses = train_losses(model, steps=10)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
-
-
-def test_small_cuda_inputs_take_the_reference_branch(monkeypatch):
-    monkeypatch.setattr(lora_fused, "CUDA_MIN_ROWS", 64)
-    q = set_lora_path(tiny_qlora(), "fused").model.layers[0].self_attn.q_proj
-    small, large = torch.randn(1, 63, 256, device=CUDA), torch.randn(1, 64, 256, device=CUDA)
-    with torch.no_grad():
-        torch.testing.assert_close(q(small), q.base_layer(small) + q.lora_B(q.lora_A(small)) * q.scaling)
-        assert q.group._x is None  # LoRALinear.forward's own branch: nothing kept for k_proj and v_proj
-        q(large)
-        assert q.group._x is large and len(q.group._h) == 2  # the group's: h kept for the siblings
