@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 #include "common.h"
 #include "dropout_math.h"
@@ -35,6 +36,34 @@ inline void check_dropout_input(const at::Tensor& x, const char* op, const char*
   TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": ", name,
               " must be float32, float16 or bfloat16, got ", t);
   TORCH_CHECK(x.numel() < (int64_t(1) << 62) / kMaxDropoutCopies, op, ": ", name, " is too large");
+}
+
+// One op call after its checks: the plan, the input made contiguous, the output allocated, its element count n
+// (x's for dropout_copies, one copy's for dropout_sum). Both backends start here.
+struct DropoutCall {
+  DropoutPlan plan;
+  at::Tensor in, out;
+  int64_t n;
+};
+
+// dropout_copies: out (copies, *x.shape) in x's dtype.
+inline DropoutCall dropout_copies_call(const at::Tensor& x, int64_t seed, at::ArrayRef<double> ps, int64_t copies) {
+  check_dropout_input(x, "dropout_copies", "x");
+  DropoutCall call{dropout_plan(seed, ps, copies, "dropout_copies"), x.contiguous(), {}, x.numel()};
+  std::vector<int64_t> shape{copies};
+  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
+  call.out = at::empty(shape, x.options());
+  return call;
+}
+
+// dropout_sum: g (copies, ...) -> out g.shape[1:] in g's dtype.
+inline DropoutCall dropout_sum_call(const at::Tensor& g, int64_t seed, at::ArrayRef<double> ps) {
+  check_dropout_input(g, "dropout_sum", "g");
+  TORCH_CHECK(g.dim() >= 1, "dropout_sum: g must be (copies, ...), got a 0-d tensor");
+  DropoutCall call{dropout_plan(seed, ps, g.size(0), "dropout_sum"), g.contiguous(), {}, 0};
+  call.out = at::empty(g.sizes().slice(1), g.options());
+  call.n = call.out.numel();
+  return call;
 }
 
 }  // namespace minqlora

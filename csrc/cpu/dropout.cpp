@@ -70,13 +70,10 @@ void for_each_tile(const DropoutPlan& plan, int64_t c, int64_t n, int64_t i0, in
 }
 
 at::Tensor dropout_copies_cpu(const at::Tensor& x_in, int64_t seed, at::ArrayRef<double> ps, int64_t copies) {
-  check_dropout_input(x_in, "dropout_copies", "x");
-  const DropoutPlan plan = dropout_plan(seed, ps, copies, "dropout_copies");
-  const at::Tensor x = x_in.contiguous();
-  std::vector<int64_t> shape{copies};
-  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
-  at::Tensor out = at::empty(shape, x.options());
-  const int64_t n = x.numel();
+  const DropoutCall call = dropout_copies_call(x_in, seed, ps, copies);
+  const DropoutPlan& plan = call.plan;
+  const at::Tensor &x = call.in, &out = call.out;
+  const int64_t n = call.n;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_copies_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -94,13 +91,10 @@ at::Tensor dropout_copies_cpu(const at::Tensor& x_in, int64_t seed, at::ArrayRef
 }
 
 at::Tensor dropout_sum_cpu(const at::Tensor& g_in, int64_t seed, at::ArrayRef<double> ps) {
-  check_dropout_input(g_in, "dropout_sum", "g");
-  TORCH_CHECK(g_in.dim() >= 1, "dropout_sum: g must be (copies, ...), got a 0-d tensor");
-  const int64_t copies = g_in.size(0);
-  const DropoutPlan plan = dropout_plan(seed, ps, copies, "dropout_sum");
-  const at::Tensor g = g_in.contiguous();
-  at::Tensor out = at::empty(g.sizes().slice(1), g.options());
-  const int64_t n = out.numel();
+  const DropoutCall call = dropout_sum_call(g_in, seed, ps);
+  const DropoutPlan& plan = call.plan;
+  const at::Tensor &g = call.in, &out = call.out;
+  const int64_t n = call.n, copies = plan.copies;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "dropout_sum_cpu", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();

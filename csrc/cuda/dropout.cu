@@ -8,8 +8,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "../dropout_checks.h"
 #include "dropout_kernels.cuh"
 #include "elementwise_launch.h"
@@ -19,13 +17,9 @@ namespace minqlora {
 namespace {
 
 at::Tensor dropout_copies_cuda(const at::Tensor& x_in, int64_t seed, at::ArrayRef<double> ps, int64_t copies) {
-  check_dropout_input(x_in, "dropout_copies", "x");
-  const DropoutPlan plan = dropout_plan(seed, ps, copies, "dropout_copies");
-  const at::Tensor x = x_in.contiguous();
-  std::vector<int64_t> shape{copies};
-  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
-  at::Tensor out = at::empty(shape, x.options());
-  const int64_t n = x.numel();
+  const DropoutCall call = dropout_copies_call(x_in, seed, ps, copies);
+  const at::Tensor &x = call.in, &out = call.out;
+  const int64_t n = call.n;
   if (n == 0) return out;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -34,7 +28,7 @@ at::Tensor dropout_copies_cuda(const at::Tensor& x_in, int64_t seed, at::ArrayRe
     with_vec<T>(vec_width(sizeof(T), n, {&x, &out}), [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       dropout::dropout_copies_kernel<T, V><<<elementwise_ctas(n / V, x.get_device()), 256, 0, stream>>>(
-          static_cast<const T*>(x.data_ptr()), static_cast<T*>(out.data_ptr()), n, plan);
+          static_cast<const T*>(x.data_ptr()), static_cast<T*>(out.data_ptr()), n, call.plan);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -42,12 +36,9 @@ at::Tensor dropout_copies_cuda(const at::Tensor& x_in, int64_t seed, at::ArrayRe
 }
 
 at::Tensor dropout_sum_cuda(const at::Tensor& g_in, int64_t seed, at::ArrayRef<double> ps) {
-  check_dropout_input(g_in, "dropout_sum", "g");
-  TORCH_CHECK(g_in.dim() >= 1, "dropout_sum: g must be (copies, ...), got a 0-d tensor");
-  const DropoutPlan plan = dropout_plan(seed, ps, g_in.size(0), "dropout_sum");
-  const at::Tensor g = g_in.contiguous();
-  at::Tensor out = at::empty(g.sizes().slice(1), g.options());
-  const int64_t n = out.numel();
+  const DropoutCall call = dropout_sum_call(g_in, seed, ps);
+  const at::Tensor &g = call.in, &out = call.out;
+  const int64_t n = call.n;
   if (n == 0) return out;
   const c10::cuda::CUDAGuard guard(g.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -56,7 +47,7 @@ at::Tensor dropout_sum_cuda(const at::Tensor& g_in, int64_t seed, at::ArrayRef<d
     with_vec<T>(vec_width(sizeof(T), n, {&g, &out}), [&](auto vec) {
       constexpr int V = decltype(vec)::value;
       dropout::dropout_sum_kernel<T, V><<<elementwise_ctas(n / V, g.get_device()), 256, 0, stream>>>(
-          static_cast<const T*>(g.data_ptr()), static_cast<T*>(out.data_ptr()), n, plan);
+          static_cast<const T*>(g.data_ptr()), static_cast<T*>(out.data_ptr()), n, call.plan);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
