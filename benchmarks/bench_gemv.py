@@ -151,7 +151,7 @@ def run_shape(n: int, k: int, ms, tbs: float) -> list[dict]:
             us = graph_us(calls)
             wall, host = eager_us(calls[0])
             row[name] = {"graph_us": us, "eager_us": wall, "host_us": host, "TB/s": (nbytes + xb) / us / 1e6}
-        for rows_per_cta in (16, 32):  # the fused kernel's two CTA shapes, for the launcher's choice
+        for rows_per_cta in (16, 32, 64, 128):  # the fused kernel's CTA shapes, for the launcher's choice
             if m <= 32:
                 calls = [lambda p=p, s=s, r=rows_per_cta: ops.gemv_4bit(x, p, s, rows_per_cta=r) for p, s in W.mq]
                 row[f"fused rows/CTA {rows_per_cta}"] = {"graph_us": graph_us(calls)}

@@ -3,7 +3,7 @@
 # carried wheel, builds the extension against the machine's own torch, then runs the parts named on the command line
 # (default: all), each logging under $OUT, and prints a short summary last.
 #
-#   bash benchmarks/gpu.sh [tests] [gemv] [quant] [generate] [step] [context] ...
+#   bash benchmarks/gpu.sh [tests] [gemv] [quant] [generate] [step] [context] [sass] ...
 #   TESTS="tests/cuda/test_gemv_cuda.py" bash benchmarks/gpu.sh tests    # a subset of tests/cuda
 #   GEMV_ARGS=--quick bash benchmarks/gpu.sh gemv                        # extra arguments for one benchmark
 #
@@ -65,7 +65,13 @@ for part in $parts; do
     generate) bench generate benchmarks/bench_generate.py ${GENERATE_ARGS:-} ;;
     step) bench step benchmarks/bench_step.py ${STEP_ARGS:-} ;;
     context) bench context benchmarks/bench_context.py ${CONTEXT_ARGS:-} ;;
-    *) echo "unknown part: $part (tests gemv quant generate step context)"; rc=1 ;;
+    sass)
+      # The machine code of the kernels named by SASS_MATCH (default: the fused GEMV), for reading instruction
+      # counts here: ptxas -v is all the workstation has. Summarized by benchmarks/sass_summary.py.
+      cuobjdump -sass minqlora/_C*.so 2>/dev/null | python3 benchmarks/sass_summary.py --match "${SASS_MATCH:-gemv_4bit_kernel}" \
+        --dump "$OUT/sass.txt" > "$OUT/sass_summary.txt" 2>&1
+      summary+=("sass: exit $?: $(wc -l < "$OUT/sass.txt") lines of SASS") ;;
+    *) echo "unknown part: $part (tests gemv quant generate step context sass)"; rc=1 ;;
   esac
 done
 
@@ -75,6 +81,7 @@ printf '%s\n' "${summary[@]}"
 for part in $parts; do
   case $part in
     gemv) sed -n '/^==== gemm_4bit/,$p' "$OUT/gemv.log" ;;
+    sass) head -n 40 "$OUT/sass_summary.txt" ;;
     quant) grep -A 40 "TB/s" "$OUT/quant.log" | grep -v "kernels-community" ;;
     generate|step|context) [ -f "$OUT/$part.log" ] && tail -n 30 "$OUT/$part.log" ;;
   esac

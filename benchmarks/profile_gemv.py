@@ -4,14 +4,14 @@ bandwidth, issue-slot use and stall reasons, which timings alone cannot show. On
     ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         --section Occupancy -k regex:gemv python3 benchmarks/profile_gemv.py
 
-Cases: M=1 on 14336x4096 and 4096x4096, M=16 on 14336x4096 (NF4 + double quantization, bf16 x).
+Cases: M=1 on 14336x4096, 4096x14336 and 4096x4096, M=16 on 14336x4096 (NF4 + double quantization, bf16 x).
 """
 
 import torch
 
 import minqlora as mq
 
-for (n, k), m in (((14336, 4096), 1), ((4096, 4096), 1), ((14336, 4096), 16)):
+for (n, k), m in (((14336, 4096), 1), ((4096, 14336), 1), ((4096, 4096), 1), ((14336, 4096), 16)):
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     packed, state = mq.quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

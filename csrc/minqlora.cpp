@@ -31,7 +31,8 @@ TORCH_LIBRARY(minqlora, m) {
   m.def("gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
         "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape) -> Tensor");
   // gemm_4bit through the fused few-row kernel alone (CUDA; x bf16/fp16, K a multiple of 32 and of blocksize):
-  // what gemm_4bit dispatches to for few rows, exposed for tests and benchmarks. rows_per_cta 0 = automatic.
+  // what gemm_4bit dispatches to for few rows, exposed for tests and benchmarks. rows_per_cta (16, 32, 64, 128; 0 = automatic) is
+  // the kernel's CTA shape, for benchmarking the launcher's choice.
   m.def("gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
         "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, "
         "int rows_per_cta=0) -> Tensor");

@@ -1,6 +1,7 @@
 // Launcher of the fused 4-bit GEMV / small GEMM (declared in gemv_launch.h, kernel in gemv_kernels.cuh): picks the
-// template instance for the blocksize (blocks per 128-value chunk), the row count (8, 16 or 32 tokens per CTA) and
-// the rows of W per CTA, and sizes the grid. Nothing here throws; gemv_ops.cpp checks arguments and the launch.
+// template instance for the blocksize (blocks per 128-value chunk) and the row count (8, 16 or 32 tokens per CTA),
+// the rows of W per CTA (16 · row tiles; the CTA's 8 warps split K among the warps of each tile), and sizes the grid.
+// Nothing here throws; gemv_ops.cpp checks arguments and the launch.
 
 #include "gemv_kernels.cuh"
 
@@ -11,28 +12,41 @@ namespace {
 using gemv::kSmemBytes;
 using gemv::kThreads;
 using gemv::kTileRows;
-
-template <typename T, int NBPC, int NT, int RT>
-cudaError_t launch(const GemvArgs& a, cudaStream_t stream) {
-  const int tiles = (a.N + kTileRows - 1) / kTileRows;
-  const dim3 grid((tiles + RT - 1) / RT, (a.M + 8 * NT - 1) / (8 * NT));
-  gemv::gemv_4bit_kernel<T, NBPC, NT, RT><<<grid, kThreads, kSmemBytes, stream>>>(a);
-  return cudaGetLastError();
-}
+using gemv::kWarps;
 
 template <typename T, int NBPC, int NT>
-cudaError_t launch_rt(const GemvArgs& a, int rows_per_cta, cudaStream_t stream) {
-  if constexpr (NT <= 2) {
-    if (rows_per_cta == 32) return launch<T, NBPC, NT, 2>(a, stream);
+cudaError_t launch(const GemvArgs& a, int rows_per_cta, cudaStream_t stream) {
+  auto* kernel = gemv::gemv_4bit_kernel<T, NBPC, NT>;
+  // 113 KB of shared memory, above the 48 KB default, and the largest carveout so two CTAs fit an SM.
+  static const cudaError_t attr = [kernel] {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    return e != cudaSuccess ? e
+                            : cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                   int(cudaSharedmemCarveoutMaxShared));
+  }();
+  if (attr != cudaSuccess) return attr;
+  const int tiles = (a.N + kTileRows - 1) / kTileRows;
+  int wr = rows_per_cta / kTileRows;
+  if (wr == 0) {
+    // Row tiles per CTA: one while that still leaves fewer than ~4 CTAs per SM-slot wave (small N: spread over
+    // the SMs; each warp's K split is 1/8 of K), more for tall weights so each warp walks a longer run of K and the
+    // table is built once per more rows. Measured choice: benchmarks/README.md (gemv).
+    int dev = 0, sms = 132;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    wr = 1;
+    while (wr < kWarps && tiles / (2 * wr) >= 8 * sms) wr *= 2;
   }
-  return launch<T, NBPC, NT, 1>(a, stream);
+  const dim3 grid((tiles + wr - 1) / wr, (a.M + 8 * NT - 1) / (8 * NT));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(a, wr);
+  return cudaGetLastError();
 }
 
 template <typename T, int NBPC>
 cudaError_t launch_nt(const GemvArgs& a, int rows_per_cta, cudaStream_t stream) {
-  if (a.M <= 8) return launch_rt<T, NBPC, 1>(a, rows_per_cta, stream);
-  if (a.M <= 16) return launch_rt<T, NBPC, 2>(a, rows_per_cta, stream);
-  return launch_rt<T, NBPC, 4>(a, rows_per_cta, stream);  // M > 32: several token groups (grid.y)
+  if (a.M <= 8) return launch<T, NBPC, 1>(a, rows_per_cta, stream);
+  if (a.M <= 16) return launch<T, NBPC, 2>(a, rows_per_cta, stream);
+  return launch<T, NBPC, 4>(a, rows_per_cta, stream);  // M > 32: several token groups (grid.y)
 }
 
 template <typename T>
@@ -45,14 +59,6 @@ cudaError_t launch_bs(const GemvArgs& a, int rows_per_cta, cudaStream_t stream) 
 }  // namespace
 
 cudaError_t launch_gemv_4bit(Elem t, const GemvArgs& a, int rows_per_cta, cudaStream_t stream) {
-  if (rows_per_cta == 0) {
-    // 32 rows per CTA once there are enough tiles for ~4 CTAs per SM either way (fewer, longer-lived CTAs);
-    // 16 otherwise, so small N still spreads over the SMs. Measured choice: benchmarks/README.md (gemv).
-    int dev = 0, sms = 132;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    rows_per_cta = (a.N / kTileRows) >= 8 * sms ? 32 : 16;
-  }
   return t == Elem::kBF16 ? launch_bs<__nv_bfloat16>(a, rows_per_cta, stream)
                           : launch_bs<__half>(a, rows_per_cta, stream);
 }

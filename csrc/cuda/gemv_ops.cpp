@@ -50,8 +50,9 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
               "gemv_4bit: x must be bfloat16 or float16, got ", x_in.scalar_type());
   TORCH_CHECK(fused_applies(x_in, blocksize, shape), "gemv_4bit: in_features ", shape[1],
               " must be a multiple of 32 and of the blocksize ", blocksize);
-  TORCH_CHECK(rows_per_cta == 0 || rows_per_cta == 16 || rows_per_cta == 32,
-              "gemv_4bit: rows_per_cta must be 0 (automatic), 16 or 32, got ", rows_per_cta);
+  TORCH_CHECK(rows_per_cta == 0 || rows_per_cta == 16 || rows_per_cta == 32 || rows_per_cta == 64 ||
+                  rows_per_cta == 128,
+              "gemv_4bit: rows_per_cta must be 0 (automatic), 16, 32, 64 or 128, got ", rows_per_cta);
   check_cuda(x_in, "x");
   check_cuda(packed_in, "packed");
   check_same_device(x_in, packed_in, "x", "packed");

@@ -62,7 +62,8 @@ def test_every_m_1_to_64(dtype, quant_type, double_quant):
     packed, state = make(37, 192, 64, quant_type, double_quant, seed=1, dtype=dtype)
     for m in range(1, 65):
         x = rand_x(m, 192, dtype, seed=m)
-        check(ops.gemv_4bit(x, packed, state), x, packed, state, f"M={m}")
+        for rows in (0, 128):  # 128: eight row tiles per CTA, all but three of them past N
+            check(ops.gemv_4bit(x, packed, state, rows_per_cta=rows), x, packed, state, f"M={m} rows={rows}")
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
@@ -84,9 +85,12 @@ def test_model_shapes(shape, m):
     x = rand_x(m, k, torch.bfloat16, seed=m)
     got = ops.gemv_4bit(x, packed, state)
     check(got, x, packed, state, f"{shape} M={m}")
-    # both CTA shapes compute the same sums in the same order
-    for rows in (16, 32):
-        torch.testing.assert_close(ops.gemv_4bit(x, packed, state, rows_per_cta=rows), got, rtol=0, atol=0)
+    # every CTA shape (16 rows × a 1/8 split of K per warp ... 128 rows × all of K) meets the bound, and each is
+    # deterministic: the same call twice gives the same bits
+    for rows in (16, 32, 64, 128):
+        y = ops.gemv_4bit(x, packed, state, rows_per_cta=rows)
+        check(y, x, packed, state, f"{shape} M={m} rows_per_cta={rows}")
+        torch.testing.assert_close(ops.gemv_4bit(x, packed, state, rows_per_cta=rows), y, rtol=0, atol=0)
 
 
 def test_every_output_written():
@@ -135,6 +139,8 @@ def test_gemm_dispatch():
         ops.gemv_4bit(x, packed2, state2)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         ops.gemv_4bit(x32, packed, state)
+    with pytest.raises(RuntimeError, match="rows_per_cta must be 0 .automatic., 16, 32, 64 or 128, got 48"):
+        ops.gemv_4bit(rand_x(1, 512, torch.bfloat16, seed=1), packed, state, rows_per_cta=48)
 
 
 def test_reference_path_meets_the_same_bound():
