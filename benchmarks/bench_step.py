@@ -66,6 +66,7 @@ class StepConfig:
     keep_last: int = 0  # with checkpointing, the last N layers keep their activations
     lora_path: str = "fused"  # lora_fused.LORA_PATHS: the LoRA branch (TrainConfig's default is "fused")
     fused_ops: str = "auto"  # RMSNorm / RoPE / SwiGLU on the GPU: fused.BACKENDS, "auto" (its default), "off" (eager)
+    recompute_inputs: bool = True  # grouped LoRA branches redo norm / SwiGLU outputs in backward (set_lora_path)
 
 
 CONFIGS = (
@@ -81,6 +82,15 @@ CONFIGS = (
     # With the counter-based dropout a kept layer costs about 1.0 GB at 4 x 2048 (none 41.4 vs full 9.4 GB): 15
     # layers spend the memory up to transformers' 24.5 GB there.
     StepConfig("full-keep15", "full", False, 1024, keep_last=15),
+    # The same with the LoRA branches keeping their inputs (norm and SwiGLU outputs) as before recompute.py: a kept
+    # layer saved 139.6 KB a token (1.07 GiB at 4 x 2048) where it now saves 94.6 KB (0.72 GiB; tests/saved_tensors.py
+    # on one 8B-shaped layer on a CPU, the fused ops' Functions). none and full-keep15 against these two measure it.
+    StepConfig("none+keep-inputs", "none", False, 1024, recompute_inputs=False),
+    StepConfig("full-keep15+keep-inputs", "full", False, 1024, keep_last=15, recompute_inputs=False),
+    # What the 0.34 GiB freed per kept layer buys under the 24.5 GB budget: full-keep15 minus 15 × 0.34 GiB leaves
+    # room for about 7 more layers at 0.72 GiB each.
+    StepConfig("full-keep20", "full", False, 1024, keep_last=20),
+    StepConfig("full-keep22", "full", False, 1024, keep_last=22),
     StepConfig("selective+offload", "selective", True, 1024),
     StepConfig("full+offload", "full", True, 256),
     # The path before lora_fused.py and fused.py: LoRALinear.forward per module, eager elementwise ops.
@@ -131,7 +141,7 @@ def optimizer_step(loss_fn, params, opt):
 
 def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     """A closure running one optimizer step of `model` under `cfg`, and a function freeing its state."""
-    set_lora_path(model, cfg.lora_path)
+    set_lora_path(model, cfg.lora_path, recompute_inputs=cfg.recompute_inputs)
     on = cfg.fused_ops != "off" and device.type == "cuda"
     fused.set_fused(on, backend=None if cfg.fused_ops in ("auto", "off") else cfg.fused_ops)
     model.gradient_checkpointing = cfg.checkpointing
@@ -208,7 +218,8 @@ def run_shape(shape: str, config, batches, device, configs, sides, warmup, steps
                 r = measure(lambda: minqlora_step(model, batch, device, cfg), device, warmup, steps)
                 rows.append({"side": "minqlora", "config": cfg.name, "batch": b, "seq_len": t, **r,
                              "checkpointing": cfg.checkpointing, "offload": cfg.offload,
-                             "loss_chunk": cfg.loss_chunk, "keep_last": cfg.keep_last})
+                             "loss_chunk": cfg.loss_chunk, "keep_last": cfg.keep_last,
+                             "recompute_inputs": cfg.recompute_inputs})
                 print(_line(rows[-1]), flush=True)
         del model
         fresh(device)

@@ -24,7 +24,8 @@ it needs (RoPE saves cos and sin, not q and k). Elsewhere — fusion off, a CPU,
 inlines fn), under a TorchDispatchMode such as torch's selective checkpointing (whose policy must see each aten op),
 or when cos/sin/weights need gradients the Functions do not give — fn runs as written. Results equal the eager ones
 up to rounding: Inductor keeps float32 intermediates where eager rounds each step to bf16 (tests/test_fused.py,
-tests/cuda/test_fused_cuda.py).
+tests/cuda/test_fused_cuda.py). call tags the outputs of rms_norm and swiglu with the implementation that made them
+(recompute.py), so a LoRA branch reading them can run it again in its backward instead of keeping them.
 
 Leaves out: CPUs by default (Inductor's C++ kernels cost a compile of tens of seconds on a 2-core machine, and the
 CPU step is dominated by matmuls; set_fused(True, cpu=True) takes CPU tensors too, which the tests do), and fusing
@@ -40,6 +41,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import recompute
 
 # -- the spec -----------------------------------------------------------------------------------------------------
 
@@ -236,15 +239,27 @@ class _SwiGLU(torch.autograd.Function):
 FUSED = {rms_norm: (_RMSNorm, (1,)), rope_qk: (_RoPE, (2, 3)), swiglu: (_SwiGLU, ())}
 
 
+# Spec functions whose outputs carry a recompute.Recipe: what a LoRA branch reads (norm outputs into q/k/v and gate/up,
+# SwiGLU's into down_proj), cheap to run again from inputs the op's own backward keeps.
+RECOMPUTABLE = (rms_norm, swiglu)
+
+
 def call(fn: Callable, *args):
-    """fn(*args) through its fused Function where that applies (module docstring), else fn(*args) as written."""
+    """fn(*args) through its fused Function where that applies (module docstring), else fn(*args) as written; the
+    outputs of RECOMPUTABLE functions tagged with the implementation that made them (recompute.tag)."""
     function, no_grad_args = FUSED[fn]
     x = args[0]
     if x.device.type not in _devices or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return fn(*args)
+        return _as_written(fn, args)
     on = current_backend()
     if (x.numel() < (MIN_FUSED_ELEMENTS[on] if _min_elements is None else _min_elements)
             or (torch.is_grad_enabled() and any(args[i].requires_grad for i in no_grad_args))
             or (on == "extension" and any(isinstance(a, torch.Tensor) and a.dtype != x.dtype for a in args))):
-        return fn(*args)
-    return function.apply(*args)
+        return _as_written(fn, args)
+    out = function.apply(*args)
+    return recompute.tag(out, implementation(fn, on), args) if fn in RECOMPUTABLE else out
+
+
+def _as_written(fn: Callable, args: tuple):
+    out = fn(*args)
+    return recompute.tag(out, fn, args) if fn in RECOMPUTABLE else out

@@ -16,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import LoRALinear, add_lora, lora_modules, merge_lora
-from minqlora import dropout
+from minqlora import dropout, recompute
+from minqlora.fused import swiglu
 from minqlora.lora_fused import LoRAGroup, _DroppedDown, set_lora_path
 from minqlora.model import Llama, LlamaConfig
 from minqlora.sft import TrainConfig, train
@@ -263,6 +264,37 @@ def test_dropped_down_saves_no_mask():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _DroppedDown.apply(x, a, 7, [0.1], [4, 4, 4], 3)
     assert sorted(t.numel() for t in saved) == [a.numel(), x.numel()]
+
+
+@pytest.mark.parametrize("copies, ps", [(0, [0.0]), (1, [0.4]), (3, [0.0, 0.5, 0.2])])
+def test_dropped_down_with_a_recipe_saves_its_inputs_not_x(copies, ps):
+    """Given x's recipe (recompute.py: here x = swiglu(g, u)), _DroppedDown saves A, g and u instead of x, and its h
+    and gradients are the bits of the Function that keeps x (copies 0: no dropout, the plain x·Aᵀ)."""
+    rs = [2, 3, 4]
+    gen = torch.Generator().manual_seed(4)
+    g, u = torch.randn(10, 16, generator=gen, requires_grad=True), torch.randn(10, 16, generator=gen)
+    a = torch.randn(sum(rs), 16, generator=gen, requires_grad=True)
+    cot = torch.randn(10, sum(rs), generator=gen)
+    results = []
+    for use_recipe in (False, True):
+        x = recompute.tag(swiglu(g, u), swiglu, (g, u))
+        recipe = recompute.recipe_of(x) if use_recipe else None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            h = _DroppedDown.apply(x, a, 7, ps, rs, copies, recipe)
+        keeps = {t.untyped_storage().data_ptr() for t in saved}
+        assert (x.untyped_storage().data_ptr() in keeps) != use_recipe
+        if use_recipe:
+            assert keeps == {t.untyped_storage().data_ptr() for t in (a, g, u)}
+        h.backward(cot)
+        results.append((h.detach(), g.grad.clone(), a.grad.clone()))
+        g.grad = a.grad = None
+    if copies == 0:
+        xr, ar = swiglu(g, u), a.detach().clone().requires_grad_()
+        (xr @ ar.t()).backward(cot)
+        assert torch.equal(results[0][1], g.grad) and torch.equal(results[0][2], ar.grad)
+    for want, got in zip(*results):
+        assert torch.equal(got, want)
 
 
 # -- grouping, copies, merges ----------------------------------------------------------------------------------------
