@@ -11,15 +11,20 @@
 //   lie in ONE block: the block's fp32 absmax then scales the fp32 MMA partial sum, not the weights (exact scale,
 //   no per-weight multiply). The k order inside an MMA is a permutation; x is loaded in the same permutation.
 // - Decode is one shared-memory lookup per packed byte: a 256-entry table of both nibbles' values as a bf16x2 (or
-//   half2) register, replicated 32× so lane l always reads bank l (conflict-free; 32 KB). Weights enter the tensor
+//   half2) register, replicated so lane l always reads bank l (conflict-free). Each byte value's row is 256 bytes
+//   (64 KB, half of it unused) so one PRMT builds the lookup address (see lookup). Weights enter the tensor
 //   cores as table values rounded to bf16 (≤ 2^-9 relative, the same bound as the reference's bf16 dequantized
 //   weight) or fp16 (≤ 2^-12); the scale and the sums stay fp32. The table is written with 16-byte stores (four
-//   lane copies each): a CTA covers only 16-32 rows, so its build is a real share of the CTA's work.
-// - Each block scale is computed once per warp and chunk (lane L: row L % 16, block L / 16 of the chunk), loaded one
-//   chunk ahead, and handed to the four lanes of its row by shuffle.
-// - Split-K inside the CTA: 8 warps share 16·RT output rows, each warp takes a contiguous run of chunks; partial
-//   sums meet in shared memory and one pass writes y. No atomics, no workspace, one launch (CUDA-graph friendly),
-//   deterministic. The next chunk's weights and x are loaded before the current chunk is decoded.
+//   lane copies each): a CTA covers only 16-128 rows, so its build is a real share of the CTA's work.
+// - Each block scale is computed once per warp and chunk (lane L: row L % 16, block L / 16 of the chunk), loaded with
+//   the weights, and handed to the four lanes of its row by shuffle.
+// - Split-K inside the CTA: 8 warps share 16·wr_count output rows (wr_count 1-8, chosen at launch), the warps of a
+//   row tile take contiguous runs of chunks; partial sums meet in shared memory and one pass writes y. No atomics,
+//   no workspace, one launch (CUDA-graph friendly), deterministic. Chunks ride in a ring of registers, 2-3 deep.
+// - What limits it (H200, Nsight Compute and the SASS, benchmarks/README.md): issue, not memory latency. About 230
+//   instructions per warp and chunk (64 of them the decode, 8 MMAs) at 0.46 issued per scheduler cycle with 4 warps
+//   per scheduler. Version 6 (git history) streamed the weights through a 6-deep cp.async ring with warps walking K
+//   side by side and ran no faster.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -41,9 +46,7 @@ constexpr int kTileRows = 16;          // output features per MMA tile (the MMA'
 constexpr int kChunk = 128;            // k values per chunk: 64 packed bytes per row, 16 per lane of a quad
 constexpr int kRowWords = 64;          // words per byte value in the pair table (lanes use 32: see lookup)
 constexpr int kTableWords = 256 * kRowWords;  // pair table: 256 byte values × 64 words = 64 KB
-constexpr int kStages = 6;             // weight ring depth per warp (1 KB a stage): 5 chunks in flight
-// the pair table, the 256-entry double-quant map, and 8 warps' rings: 113 KB, two CTAs per SM (228 KB)
-constexpr int kSmemBytes = (kTableWords + 256) * 4 + kWarps * kStages * 1024;
+constexpr int kSmemBytes = (kTableWords + 256) * 4;  // + the 256-entry double-quant map
 
 using Args = GemvArgs;  // gemv_launch.h
 
@@ -83,6 +86,24 @@ __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1
   }
 }
 
+// Weights are read once: stream them past L1 (x, read by every warp, stays cached).
+__device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 load_stream8(const uint8_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t load_stream4(const uint8_t* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+
 // Byte offset, within a row, of word q (0..3) of lane t's 16 bytes of chunk c. The lane's bytes come in NBPC runs,
 // one per quantization block of the chunk: run j = q / (4/NBPC) starts at c·64 + j·(64/NBPC) + t·(16/NBPC).
 template <int NBPC>
@@ -91,52 +112,35 @@ __device__ __forceinline__ int word_offset(int c, int q, int t) {
   return c * 64 + (q / kWordsPerRun) * (64 / NBPC) + t * (16 / NBPC) + 4 * (q % kWordsPerRun);
 }
 
-// 8 values of x (one uint4) per word q: the k's that word q's bytes encode, in the same order. `dep` is zero at run
-// time but opaque to the compiler (see the main loop).
+// The 16 bytes (4 words) of lane t for one row and chunk; zeros where the row or the block does not exist.
 template <int NBPC>
-__device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xrow, bool tok_ok, int c, int t, int K,
-                                             int dep) {
+__device__ __forceinline__ void load_row_chunk(uint32_t (&w)[4], const uint8_t* row, bool row_ok, int c, int t,
+                                               int K) {
+#pragma unroll
+  for (int j = 0; j < NBPC; ++j) {
+    const int k0 = c * kChunk + j * (kChunk / NBPC);  // first k of block run j (whole blocks: K % bs == 0)
+    const bool ok = row_ok && k0 < K;
+    const uint8_t* p = row + word_offset<NBPC>(c, j * (4 / NBPC), t);
+    if constexpr (NBPC == 1) {
+      const uint4 v = ok ? load_stream16(p) : make_uint4(0, 0, 0, 0);
+      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    } else if constexpr (NBPC == 2) {
+      const uint2 v = ok ? load_stream8(p) : make_uint2(0, 0);
+      w[2 * j] = v.x, w[2 * j + 1] = v.y;
+    } else {
+      w[j] = ok ? load_stream4(p) : 0u;
+    }
+  }
+}
+
+// 8 values of x (one uint4) per word q: the k's that word q's bytes encode, in the same order.
+template <int NBPC>
+__device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xrow, bool tok_ok, int c, int t, int K) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const int off = word_offset<NBPC>(c, q, t);  // byte offset in the packed row = k / 2
     const bool ok = tok_ok && 2 * off < K;
-    xv[q] = ok ? __ldg(reinterpret_cast<const uint4*>(xrow + 2 * off + dep)) : make_uint4(0, 0, 0, 0);
-  }
-}
-
-// cp.async of 16 bytes global -> shared, zero-filled (nothing read) when !ok; through L2 only (weights are read once).
-__device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-// The weight ring: per warp kStages chunks of its 16 rows × 64 bytes in shared memory. Row r's four 16-byte units
-// are stored XOR-swizzled, unit u at u ^ swizzle(r), so the fragment reads below hit 32 distinct banks: lanes of rows
-// g and g + 2 read the same units of their rows, 256 bytes apart (the same banks) without it.
-template <int NBPC>
-__device__ __forceinline__ int swizzle(int r) {
-  return NBPC == 4 ? (r >> 1) & 3 : NBPC == 2 ? ((r >> 1) & 1) << 1 : 0;
-}
-
-// Lane t's 4 words of row r from a ring stage, in the order word_offset gives (one 16-, two 8- or four 4-byte reads).
-template <int NBPC>
-__device__ __forceinline__ void read_row(uint32_t (&w)[4], const char* stage, int r, int t) {
-  const char* row = stage + r * 64;
-#pragma unroll
-  for (int j = 0; j < NBPC; ++j) {
-    const int off = word_offset<NBPC>(0, j * (4 / NBPC), t);
-    const char* p = row + (((off >> 4) ^ swizzle<NBPC>(r)) << 4) + (off & 15);
-    if constexpr (NBPC == 1) {
-      const uint4 v = *reinterpret_cast<const uint4*>(p);
-      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-    } else if constexpr (NBPC == 2) {
-      const uint2 v = *reinterpret_cast<const uint2*>(p);
-      w[2 * j] = v.x, w[2 * j + 1] = v.y;
-    } else {
-      w[j] = *reinterpret_cast<const uint32_t*>(p);
-    }
+    xv[q] = ok ? __ldg(reinterpret_cast<const uint4*>(xrow + 2 * off)) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -149,14 +153,21 @@ __device__ __forceinline__ uint32_t lookup(const char* table, uint32_t w, uint32
   return *reinterpret_cast<const uint32_t*>(table + __byte_perm(w, lane4, 0x5504u | (uint32_t(i) << 4)));
 }
 
-// Registers of one chunk's x and raw block scales, loaded one chunk ahead.
-template <int NBPC, int NT>
-struct Side {
+// Registers of one chunk in flight: this lane's 16 weight bytes of rows g and g + 8, its raw block scale(s), and
+// (kXInStage) its x values.
+template <int NBPC, int NT, bool kXInStage>
+struct Stage {
   static constexpr int kSlots = NBPC == 4 ? 2 : 1;
-  uint4 x[NT][4];
+  uint32_t w[2][4];
   uint32_t code[kSlots];
   float val[kSlots];  // absmax2 of the code's group, or the float32 absmax
+  uint4 x[kXInStage ? NT : 1][4];
 };
+
+// How many chunks a warp keeps in registers (prefetch distance + 1): the 8 tokens of NT = 1 leave room for three,
+// 16 tokens for two; at NT = 4 x is read when its chunk starts (an L1/L2 hit) and the weights run one chunk ahead.
+template <int NT>
+constexpr int stages() { return NT == 1 ? 3 : 2; }
 
 // x (M, K) T, tokens m0 .. m0 + 8·NT of this CTA's token group; W rows 16·wr_count from blockIdx.x·16·wr_count.
 // Warp w computes row tile w % wr_count over the k split w / wr_count of 8 / wr_count.
@@ -165,7 +176,6 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   extern __shared__ __align__(16) uint32_t smem[];
   uint32_t* table = smem;                                           // [256][64], lanes use words 0..31
   float* map_s = reinterpret_cast<float*>(smem + kTableWords);      // [256]
-  char* rings = reinterpret_cast<char*>(smem + kTableWords + 256);  // [warp][kStages][16 rows][64 bytes]
   {
     // Each warp writes the pairs of its 32 byte values: 4 byte values × 32 lane copies per warp store (four 128-byte
     // rows, conflict-free), 8 vector stores per thread.
@@ -179,9 +189,13 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
     }
     if (a.codes != nullptr) map_s[threadIdx.x] = a.map[threadIdx.x];  // kThreads == 256
   }
+  __syncthreads();
 
-  using Sd = Side<NBPC, NT>;
-  constexpr int kSlots = Sd::kSlots;
+  constexpr bool kXInStage = NT <= 2;
+  constexpr int S = stages<NT>();
+  using St = Stage<NBPC, NT, kXInStage>;
+  constexpr int kSlots = St::kSlots;
+
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;  // MMA fragment coordinates: group (row / token) and thread in group
   const uint32_t lane4 = 4u * lane;
@@ -193,34 +207,17 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
 
   // this warp's chunks
   const int chunks = (K + kChunk - 1) / kChunk;
-  // Chunks ks, ks + splits, ks + 2·splits, ...: the warps of a row tile walk K side by side, so the CTA's reads in
-  // flight are one contiguous run of each row (8 warps × 5 ring stages × 64 bytes) instead of 8 runs of 320 bytes
-  // far apart. (Contiguous splits measured 1.3 TB/s whatever the ring depth.)
-  const int n_mine = ks < chunks ? (chunks - ks + splits - 1) / splits : 0;
-  auto chunk_of = [&](int i) { return ks + i * splits; };
+  const int c_begin = ks * chunks / splits, c_end = (ks + 1) * chunks / splits;
 
-  // Rows n0 + g (C rows 0, 1) and n0 + g + 8 (C rows 2, 3): this lane copies unit t of both rows' chunks into the
-  // ring and reads its fragment words of the same two rows back.
+  // rows n0 + g (C rows 0, 1) and n0 + g + 8 (C rows 2, 3); the lane's bytes of chunk c start at c·64 + t·16/NBPC
   const uint8_t* rows[2];
   bool row_ok[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int n = tile * kTileRows + g + 8 * h;
     row_ok[h] = n < N;
-    rows[h] = a.packed + int64_t(row_ok[h] ? n : 0) * row_bytes + 16 * t;
+    rows[h] = a.packed + int64_t(row_ok[h] ? n : 0) * row_bytes;
   }
-  char* ring = rings + warp * (kStages * 1024);
-  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-  uint32_t dst[2];  // this lane's two 16-byte units within a stage
-#pragma unroll
-  for (int h = 0; h < 2; ++h) dst[h] = (g + 8 * h) * 64 + ((t ^ swizzle<NBPC>(g + 8 * h)) << 4);
-  auto copy_chunk = [&](int c, int stage) {
-    const bool k_ok = c * kChunk + 32 * t < K;  // unit t holds k = c·128 + 32t .. + 31 (K % 32 == 0)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      copy16(ring_s + stage * 1024 + dst[h], rows[h] + int64_t(c) * 64, row_ok[h] && k_ok);
-  };
-
   // tokens: n-tile nt of the B operand is token m0 + 8·nt + g
   const int m0 = blockIdx.y * 8 * NT;
   const uint16_t* xrows[NT];
@@ -238,22 +235,26 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   const bool s_row_ok = s_row < N;
   const int64_t s_base = int64_t(s_row_ok ? s_row : 0) * (K >> a.log2_bs);
 
-  auto load_side = [&](int c, Sd& sd, int dep) {
+  auto load_stage = [&](int c, St& st) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(sd.x[nt], xrows[nt], tok_ok[nt], c, t, K, dep);
+    for (int h = 0; h < 2; ++h) load_row_chunk<NBPC>(st.w[h], rows[h], row_ok[h], c, t, K);
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot) {
       const int jj = NBPC == 1 ? 0 : (lane >> 4) + 2 * slot;
       const int k0 = c * kChunk + jj * (kChunk / NBPC);
       const bool ok = s_row_ok && k0 < K;
-      const int64_t idx = s_base + (ok ? (k0 >> a.log2_bs) : 0) + dep;
+      const int64_t idx = s_base + (ok ? (k0 >> a.log2_bs) : 0);
       if (a.codes == nullptr) {
-        sd.code[slot] = 0u;
-        sd.val[slot] = ok ? __ldg(a.absmax + idx) : 0.0f;
+        st.code[slot] = 0u;
+        st.val[slot] = ok ? __ldg(a.absmax + idx) : 0.0f;
       } else {
-        sd.code[slot] = ok ? __ldg(a.codes + idx) : 0u;
-        sd.val[slot] = ok ? __ldg(a.absmax2 + (idx >> a.log2_nested_bs)) : 0.0f;
+        st.code[slot] = ok ? __ldg(a.codes + idx) : 0u;
+        st.val[slot] = ok ? __ldg(a.absmax2 + (idx >> a.log2_nested_bs)) : 0.0f;
       }
+    }
+    if constexpr (kXInStage) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(st.x[nt], xrows[nt], tok_ok[nt], c, t, K);
     }
   };
 
@@ -261,19 +262,19 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) out[nt][0] = out[nt][1] = out[nt][2] = out[nt][3] = 0.0f;
 
-  // This lane's scales for a chunk: float32 absmax, or decoded from the double-quant code exactly as
-  // quant.dequantize_ref does, map[code] · absmax2[idx / nested_bs] + offset, each step rounded.
-  auto decode_scales = [&](const Sd& sd, float (&s_mine)[kSlots]) {
+  auto compute = [&](int c, const St& st) {
+    uint4 xl[kXInStage ? 1 : NT][4];
+    if constexpr (!kXInStage) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(xl[nt], xrows[nt], tok_ok[nt], c, t, K);
+    }
+    // This lane's scales for the chunk: float32 absmax, or decoded from the double-quant code exactly as
+    // quant.dequantize_ref does, map[code] · absmax2[idx / nested_bs] + offset, each step rounded.
+    float s_mine[kSlots];
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot)
-      s_mine[slot] = a.codes == nullptr ? sd.val[slot]
-                                        : __fadd_rn(__fmul_rn(map_s[sd.code[slot]], sd.val[slot]), a.offset);
-  };
-
-  auto compute = [&](int c, const char* stage, const Sd& sd, const float (&s_mine)[kSlots]) {
-    uint32_t w[2][4];
-    read_row<NBPC>(w[0], stage, g, t);
-    read_row<NBPC>(w[1], stage, g + 8, t);
+      s_mine[slot] = a.codes == nullptr ? st.val[slot]
+                                        : __fadd_rn(__fmul_rn(map_s[st.code[slot]], st.val[slot]), a.offset);
 #pragma unroll
     for (int j = 0; j < NBPC; ++j) {
       if (c * kChunk + j * (kChunk / NBPC) >= K) break;  // warp-uniform: the tail chunk holds fewer blocks
@@ -285,11 +286,13 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
       for (int q = j * (4 / NBPC); q < (j + 1) * (4 / NBPC); ++q) {
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-          const uint32_t a0 = lookup(tbl, w[0][q], lane4, 2 * s), a2 = lookup(tbl, w[0][q], lane4, 2 * s + 1);
-          const uint32_t a1 = lookup(tbl, w[1][q], lane4, 2 * s), a3 = lookup(tbl, w[1][q], lane4, 2 * s + 1);
+          const uint32_t a0 = lookup(tbl, st.w[0][q], lane4, 2 * s), a2 = lookup(tbl, st.w[0][q], lane4, 2 * s + 1);
+          const uint32_t a1 = lookup(tbl, st.w[1][q], lane4, 2 * s), a3 = lookup(tbl, st.w[1][q], lane4, 2 * s + 1);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            const uint4 xq = sd.x[nt][q];
+            uint4 xq;
+            if constexpr (kXInStage) xq = st.x[nt][q];
+            else xq = xl[kXInStage ? 0 : nt][q];
             mma16816<T>(acc[nt], a0, a1, a2, a3, s ? xq.z : xq.x, s ? xq.w : xq.y);
           }
         }
@@ -307,49 +310,22 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
     }
   };
 
-  // The pipeline. Weights stream through the ring with cp.async: chunk c + kStages - 1 is requested before chunk c
-  // is decoded, and cp.async.wait_group waits for chunk c alone, so kStages - 1 chunks (5 KB per warp) stay in
-  // flight. (Version 5 kept the ring in registers: the compiler gives all outstanding global loads one scoreboard,
-  // so the first use of chunk c also waited for the chunks requested after it — one full memory latency per chunk,
-  // 1.3 TB/s whatever the depth.) x and the scales are small L2 hits and ride in registers one chunk ahead; `dep`, a
-  // zero the compiler cannot see through, makes their next loads wait for this chunk's values, so that first use
-  // never waits for loads issued after it.
+  // A ring of S chunks in registers: chunk c + S - 1 is requested before chunk c is decoded. The loop is unrolled
+  // by S so every ring slot is a fixed set of registers (no copies between slots).
+  St ring[S];
 #pragma unroll
-  for (int i = 0; i < kStages - 1; ++i) {
-    if (i < n_mine) copy_chunk(chunk_of(i), i);
-    copy_commit();  // empty groups too: the group count stays one per chunk
-  }
-  __syncthreads();  // the table and map (and nothing of the ring: each warp's ring is its own)
-  Sd side[2];
-  if (n_mine > 0) load_side(chunk_of(0), side[0], 0);
-  auto step = [&](int i, int stage, Sd& cur, Sd& nxt) {  // the warp's i-th chunk
-    const int c = chunk_of(i);
-    copy_wait<kStages - 2>();
-    __syncwarp();  // every lane's copies of chunk c are visible, and every lane is done with the previous stage
-    // every register of `cur` is used (or folded into dep) before the next chunk's loads are issued
-    float s_mine[kSlots];
-    decode_scales(cur, s_mine);
-    uint32_t seen = __float_as_uint(s_mine[kSlots - 1]) ^ __float_as_uint(s_mine[0]);
+  for (int i = 0; i < S - 1; ++i)
+    if (c_begin + i < c_end) load_stage(c_begin + i, ring[i]);
+  for (int c0 = c_begin; c0 < c_end; c0 += S) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) seen ^= cur.x[nt][q].x ^ cur.x[nt][q].y ^ cur.x[nt][q].z ^ cur.x[nt][q].w;
-    const int dep = static_cast<int>(seen & static_cast<uint32_t>(a.zero));
-    if (i + kStages - 1 < n_mine) copy_chunk(chunk_of(i + kStages - 1), stage == 0 ? kStages - 1 : stage - 1);
-    copy_commit();
-    if (i + 1 < n_mine) load_side(chunk_of(i + 1), nxt, dep);
-    compute(c, ring + stage * 1024, cur, s_mine);
-  };
-  int stage = 0;
-  for (int i = 0; i < n_mine; i += 2) {
-    step(i, stage, side[0], side[1]);
-    stage = stage + 1 == kStages ? 0 : stage + 1;
-    if (i + 1 < n_mine) {
-      step(i + 1, stage, side[1], side[0]);
-      stage = stage + 1 == kStages ? 0 : stage + 1;
+    for (int i = 0; i < S; ++i) {
+      const int c = c0 + i;
+      if (c < c_end) {  // warp-uniform
+        if (c + S - 1 < c_end) load_stage(c + S - 1, ring[(i + S - 1) % S]);
+        compute(c, ring[i]);
+      }
     }
   }
-  copy_wait<0>();
 
   // split-K reduction over each row tile's warps, through the (now free) table memory: red[warp][nt][i][lane]
   __syncthreads();

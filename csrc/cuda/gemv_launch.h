@@ -25,7 +25,6 @@ struct GemvArgs {
   int M, N, K;             // K % 32 == 0 and K % bs == 0 (the caller checks)
   int log2_bs, log2_nested_bs;
   int quant_type;          // kNF4 / kFP4
-  int zero;                // always 0 (value-initialized): an opaque term that orders the kernel's loads
 };
 
 // t is kBF16 or kF16. rows_per_cta: 16 or 32 output features per CTA, 0 = the launcher's choice.
