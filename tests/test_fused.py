@@ -10,14 +10,6 @@ from minqlora.fused import rms_norm, rope_qk, swiglu
 from minqlora.model import Llama, LlamaConfig
 
 
-@pytest.fixture
-def cpu_fusion():
-    before = fused.fused_devices()
-    fused.set_fused(True, cpu=True, min_elements=0)
-    yield
-    fused.set_fused(bool(before), cpu="cpu" in before)
-
-
 def _grads(fn, args, wants_grad):
     """fn's outputs and the gradients of the arguments flagged in wants_grad under a fixed random cotangent."""
     args = [a.detach().clone().requires_grad_(w) if isinstance(a, torch.Tensor) else a

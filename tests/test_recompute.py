@@ -21,14 +21,6 @@ from minqlora.shapes import random_model, shape_config
 from saved_tensors import module_tensors, saved_bytes
 
 
-@pytest.fixture
-def cpu_fusion():
-    before = fused.fused_devices()
-    fused.set_fused(True, cpu=True, min_elements=0)
-    yield
-    fused.set_fused(bool(before), cpu="cpu" in before)
-
-
 def lora_model(dtype, p: float, device="cpu", layers=1):
     """The tiny shape in NF4 with r=16 adapters on all seven projections and nonzero B (B = 0 hides B's path)."""
     model = random_model(shape_config("tiny", num_hidden_layers=layers), device=device, dtype=dtype)
