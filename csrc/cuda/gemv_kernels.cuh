@@ -21,10 +21,12 @@
 // - Split-K inside the CTA: 8 warps share 16·wr_count output rows (wr_count 1-8, chosen at launch), the warps of a
 //   row tile take contiguous runs of chunks; partial sums meet in shared memory and one pass writes y. No atomics,
 //   no workspace, one launch (CUDA-graph friendly), deterministic. Chunks ride in a ring of registers, 2-3 deep.
-// - What limits it (H200, Nsight Compute and the SASS, benchmarks/README.md): issue, not memory latency. About 230
-//   instructions per warp and chunk (64 of them the decode, 8 MMAs) at 0.46 issued per scheduler cycle with 4 warps
-//   per scheduler. Version 6 (git history) streamed the weights through a 6-deep cp.async ring with warps walking K
-//   side by side and ran no faster.
+// - What limits it (H200, Nsight Compute and the SASS, benchmarks/README.md): version 7 cut the hot loop from ~238
+//   to ~130 instructions per warp and chunk and gained only 5-10 %, so issue is not the wall. Stalls: long
+//   scoreboard 36-44 %, MIO throttle and short scoreboard ~12 % each; ptxas puts the global loads and the table
+//   lookups (LDS) on shared scoreboards, so waiting for a lookup also waits for loads still in flight. Version 6
+//   (git history) streamed the weights through a cp.async ring but ran with the largest shared-memory carveout,
+//   which starves L1 of x.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -104,43 +106,41 @@ __device__ __forceinline__ uint32_t load_stream4(const uint8_t* p) {
   return v;
 }
 
-// Byte offset, within a row, of word q (0..3) of lane t's 16 bytes of chunk c. The lane's bytes come in NBPC runs,
-// one per quantization block of the chunk: run j = q / (4/NBPC) starts at c·64 + j·(64/NBPC) + t·(16/NBPC).
+// Byte offset, within a chunk's 64 bytes of one row, of word q (0..3) of lane t's 16 bytes. The lane's bytes come in
+// NBPC runs, one per quantization block of the chunk: run j = q / (4/NBPC) starts at j·(64/NBPC) + t·(16/NBPC).
 template <int NBPC>
-__device__ __forceinline__ int word_offset(int c, int q, int t) {
-  constexpr int kWordsPerRun = 4 / NBPC;
-  return c * 64 + (q / kWordsPerRun) * (64 / NBPC) + t * (16 / NBPC) + 4 * (q % kWordsPerRun);
+__device__ __forceinline__ constexpr int word_offset(int q, int t) {
+  return (q / (4 / NBPC)) * (64 / NBPC) + t * (16 / NBPC) + 4 * (q % (4 / NBPC));
 }
 
-// The 16 bytes (4 words) of lane t for one row and chunk; zeros where the row or the block does not exist.
+// The 16 bytes (4 words) of lane t for one row and chunk; p = the row's chunk start + t·16/NBPC. tail: the chunk
+// holds only the blocks below K (zeros for the rest); otherwise no checks at all.
 template <int NBPC>
-__device__ __forceinline__ void load_row_chunk(uint32_t (&w)[4], const uint8_t* row, bool row_ok, int c, int t,
-                                               int K) {
+__device__ __forceinline__ void load_row_chunk(uint32_t (&w)[4], const uint8_t* p, bool tail, int blocks) {
 #pragma unroll
   for (int j = 0; j < NBPC; ++j) {
-    const int k0 = c * kChunk + j * (kChunk / NBPC);  // first k of block run j (whole blocks: K % bs == 0)
-    const bool ok = row_ok && k0 < K;
-    const uint8_t* p = row + word_offset<NBPC>(c, j * (4 / NBPC), t);
+    const bool ok = !tail || j < blocks;
+    const uint8_t* pj = p + j * (64 / NBPC);
     if constexpr (NBPC == 1) {
-      const uint4 v = ok ? load_stream16(p) : make_uint4(0, 0, 0, 0);
+      const uint4 v = ok ? load_stream16(pj) : make_uint4(0, 0, 0, 0);
       w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
     } else if constexpr (NBPC == 2) {
-      const uint2 v = ok ? load_stream8(p) : make_uint2(0, 0);
+      const uint2 v = ok ? load_stream8(pj) : make_uint2(0, 0);
       w[2 * j] = v.x, w[2 * j + 1] = v.y;
     } else {
-      w[j] = ok ? load_stream4(p) : 0u;
+      w[j] = ok ? load_stream4(pj) : 0u;
     }
   }
 }
 
-// 8 values of x (one uint4) per word q: the k's that word q's bytes encode, in the same order.
+// 8 values of x (one uint4) per word q: the k's that word q's bytes encode, in the same order. xp = the token's row
+// at the chunk start (t's offset included: 2·t·16/NBPC elements).
 template <int NBPC>
-__device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xrow, bool tok_ok, int c, int t, int K) {
+__device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xp, bool tail, int blocks) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const int off = word_offset<NBPC>(c, q, t);  // byte offset in the packed row = k / 2
-    const bool ok = tok_ok && 2 * off < K;
-    xv[q] = ok ? __ldg(reinterpret_cast<const uint4*>(xrow + 2 * off)) : make_uint4(0, 0, 0, 0);
+    const bool ok = !tail || q / (4 / NBPC) < blocks;
+    xv[q] = ok ? __ldg(reinterpret_cast<const uint4*>(xp + 2 * word_offset<NBPC>(q, 0))) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -171,6 +171,13 @@ constexpr int stages() { return NT == 1 ? 3 : 2; }
 
 // x (M, K) T, tokens m0 .. m0 + 8·NT of this CTA's token group; W rows 16·wr_count from blockIdx.x·16·wr_count.
 // Warp w computes row tile w % wr_count over the k split w / wr_count of 8 / wr_count.
+//
+// Version 7: the same tiles and decode as version 5, with a main loop that holds no bounds check and no index math.
+// Rows past N read row N - 1 and tokens past M read token M - 1 (valid memory; their outputs are dropped at the
+// store), the warps split only the chunks that hold all their blocks, and the last warp of a row tile takes the
+// partial chunk (K % 128, whole blocks) on its own, checked, after the loop. Every address is a lane pointer set up
+// once and stepped by a constant per chunk. Version 5 spent ~238 instructions per warp and chunk (bf16, blocksize
+// 64, M = 1), ~70 of them decode and MMAs and most of the rest address math and predicates rebuilt every chunk.
 template <typename T, int NBPC, int NT>
 __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(const Args a, const int wr_count) {
   extern __shared__ __align__(16) uint32_t smem[];
@@ -200,61 +207,62 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   const int g = lane >> 2, t = lane & 3;  // MMA fragment coordinates: group (row / token) and thread in group
   const uint32_t lane4 = 4u * lane;
   const char* tbl = reinterpret_cast<const char*>(table);
-  const int K = a.K, N = a.N;
-  const int64_t row_bytes = K / 2;
+  const int K = a.K, N = a.N, M = a.M;
   const int wr = warp % wr_count, splits = kWarps / wr_count, ks = warp / wr_count;
   const int tile = blockIdx.x * wr_count + wr;
 
-  // this warp's chunks
-  const int chunks = (K + kChunk - 1) / kChunk;
-  const int c_begin = ks * chunks / splits, c_end = (ks + 1) * chunks / splits;
+  // The chunks with all their blocks are split among the row tile's warps; a partial one (NBPC > 1 only: K is a
+  // multiple of the blocksize) holds tail_blocks blocks and goes to the last warp.
+  const int full = K / kChunk;
+  const int tail_blocks = (K % kChunk) / (kChunk / NBPC);
+  const int c_begin = ks * full / splits, c_end = (ks + 1) * full / splits;
 
-  // rows n0 + g (C rows 0, 1) and n0 + g + 8 (C rows 2, 3); the lane's bytes of chunk c start at c·64 + t·16/NBPC
-  const uint8_t* rows[2];
-  bool row_ok[2];
+  // Lane pointers at chunk 0. Rows g and g + 8 of the tile (C rows 0, 1 and 2, 3); past N, row N - 1.
+  const int64_t row_bytes = K / 2;
+  const uint8_t* wp[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int n = tile * kTileRows + g + 8 * h;
-    row_ok[h] = n < N;
-    rows[h] = a.packed + int64_t(row_ok[h] ? n : 0) * row_bytes;
-  }
-  // tokens: n-tile nt of the B operand is token m0 + 8·nt + g
+  for (int h = 0; h < 2; ++h)
+    wp[h] = a.packed + int64_t(min(tile * kTileRows + g + 8 * h, N - 1)) * row_bytes + t * (16 / NBPC);
+  // Tokens: n-tile nt of the B operand is token m0 + 8·nt + g; past M, token M - 1.
   const int m0 = blockIdx.y * 8 * NT;
-  const uint16_t* xrows[NT];
-  bool tok_ok[NT];
+  const uint16_t* xp[NT];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int m = m0 + 8 * nt + g;
-    tok_ok[nt] = m < a.M;
-    xrows[nt] = static_cast<const uint16_t*>(a.x) + int64_t(tok_ok[nt] ? m : 0) * K;
-  }
+  for (int nt = 0; nt < NT; ++nt)
+    xp[nt] = static_cast<const uint16_t*>(a.x) + int64_t(min(m0 + 8 * nt + g, M - 1)) * K + 2 * t * (16 / NBPC);
   // Block scales, computed once per warp and chunk instead of by all four lanes of a row: lane L reads the raw
-  // scale of row L & 15 for block jj = (L >> 4) + 2·slot of the chunk (one block per chunk: lanes 16..31 repeat
-  // 0..15), decodes it, and the lanes that need it take it by shuffle.
-  const int s_row = tile * kTileRows + (lane & 15);
-  const bool s_row_ok = s_row < N;
-  const int64_t s_base = int64_t(s_row_ok ? s_row : 0) * (K >> a.log2_bs);
+  // scale of row L & 15 for block (L >> 4) + 2·slot of the chunk (one block per chunk: lanes 16..31 repeat
+  // 0..15), decodes it, and the lanes that need it take it by shuffle. s_idx(c, slot) is its index in absmax.
+  const int blocks_per_row = K >> a.log2_bs;
+  const int s_lane = min(tile * kTileRows + (lane & 15), N - 1) * blocks_per_row + (NBPC == 1 ? 0 : lane >> 4);
+  const int log2_bs = a.log2_bs, log2_nbs = a.log2_nested_bs;
+  auto s_idx = [&](int c, int slot) {
+    return s_lane + (NBPC == 1 ? (c * kChunk) >> log2_bs : c * NBPC + 2 * slot);
+  };
+  const bool dq = a.codes != nullptr;
+  const uint8_t* codes_g = a.codes;
+  const float* absmax_g = dq ? a.absmax2 : a.absmax;
+  const float offset = a.offset;
 
-  auto load_stage = [&](int c, St& st) {
+  auto load_stage = [&](bool tail, int c, St& st) {
+    const int64_t cb = int64_t(c) * 64;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) load_row_chunk<NBPC>(st.w[h], rows[h], row_ok[h], c, t, K);
+    for (int h = 0; h < 2; ++h) load_row_chunk<NBPC>(st.w[h], wp[h] + cb, tail, tail_blocks);
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot) {
-      const int jj = NBPC == 1 ? 0 : (lane >> 4) + 2 * slot;
-      const int k0 = c * kChunk + jj * (kChunk / NBPC);
-      const bool ok = s_row_ok && k0 < K;
-      const int64_t idx = s_base + (ok ? (k0 >> a.log2_bs) : 0);
-      if (a.codes == nullptr) {
-        st.code[slot] = 0u;
-        st.val[slot] = ok ? __ldg(a.absmax + idx) : 0.0f;
+      // the tail's missing blocks read block 0 of the row (never used: compute stops at tail_blocks)
+      const bool ok = !tail || (NBPC == 1 ? 0 : (lane >> 4) + 2 * slot) < tail_blocks;
+      const int idx = ok ? s_idx(c, slot) : s_lane;
+      if (dq) {
+        st.code[slot] = __ldg(codes_g + idx);
+        st.val[slot] = __ldg(absmax_g + (idx >> log2_nbs));
       } else {
-        st.code[slot] = ok ? __ldg(a.codes + idx) : 0u;
-        st.val[slot] = ok ? __ldg(a.absmax2 + (idx >> a.log2_nested_bs)) : 0.0f;
+        st.code[slot] = 0u;
+        st.val[slot] = __ldg(absmax_g + idx);
       }
     }
     if constexpr (kXInStage) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(st.x[nt], xrows[nt], tok_ok[nt], c, t, K);
+      for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(st.x[nt], xp[nt] + 2 * cb, tail, tail_blocks);
     }
   };
 
@@ -262,22 +270,21 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) out[nt][0] = out[nt][1] = out[nt][2] = out[nt][3] = 0.0f;
 
-  auto compute = [&](int c, const St& st) {
+  auto compute = [&](bool tail, int c, const St& st) {
     uint4 xl[kXInStage ? 1 : NT][4];
     if constexpr (!kXInStage) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(xl[nt], xrows[nt], tok_ok[nt], c, t, K);
+      for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(xl[nt], xp[nt] + int64_t(c) * 128, tail, tail_blocks);
     }
     // This lane's scales for the chunk: float32 absmax, or decoded from the double-quant code exactly as
     // quant.dequantize_ref does, map[code] · absmax2[idx / nested_bs] + offset, each step rounded.
     float s_mine[kSlots];
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot)
-      s_mine[slot] = a.codes == nullptr ? st.val[slot]
-                                        : __fadd_rn(__fmul_rn(map_s[st.code[slot]], st.val[slot]), a.offset);
+      s_mine[slot] = dq ? __fadd_rn(__fmul_rn(map_s[st.code[slot]], st.val[slot]), offset) : st.val[slot];
 #pragma unroll
     for (int j = 0; j < NBPC; ++j) {
-      if (c * kChunk + j * (kChunk / NBPC) >= K) break;  // warp-uniform: the tail chunk holds fewer blocks
+      if (tail && j >= tail_blocks) break;  // warp-uniform
       float acc[NT][4];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
@@ -311,20 +318,25 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   };
 
   // A ring of S chunks in registers: chunk c + S - 1 is requested before chunk c is decoded. The loop is unrolled
-  // by S so every ring slot is a fixed set of registers (no copies between slots).
+  // by S so every ring slot is a fixed set of registers (no copies between slots). (Prefetching unconditionally,
+  // past the warp's last chunk, to keep loads out of branches measured no faster and spilled at M = 16.)
   St ring[S];
 #pragma unroll
   for (int i = 0; i < S - 1; ++i)
-    if (c_begin + i < c_end) load_stage(c_begin + i, ring[i]);
+    if (c_begin + i < c_end) load_stage(false, c_begin + i, ring[i]);
   for (int c0 = c_begin; c0 < c_end; c0 += S) {
 #pragma unroll
     for (int i = 0; i < S; ++i) {
       const int c = c0 + i;
       if (c < c_end) {  // warp-uniform
-        if (c + S - 1 < c_end) load_stage(c + S - 1, ring[(i + S - 1) % S]);
-        compute(c, ring[i]);
+        if (c + S - 1 < c_end) load_stage(false, c + S - 1, ring[(i + S - 1) % S]);
+        compute(false, c, ring[i]);
       }
     }
+  }
+  if (NBPC > 1 && tail_blocks > 0 && ks == splits - 1) {
+    load_stage(true, full, ring[0]);
+    compute(true, full, ring[0]);
   }
 
   // split-K reduction over each row tile's warps, through the (now free) table memory: red[warp][nt][i][lane]
@@ -344,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
     const int l = el & 31, i = (el >> 5) & 3, nt = el >> 7;
     const int n = (blockIdx.x * wr_count + tr) * kTileRows + (l >> 2) + 8 * (i >> 1);
     const int m = m0 + 8 * nt + 2 * (l & 3) + (i & 1);
-    if (n < N && m < a.M) y[int64_t(m) * N + n] = from_float<T>(sum);
+    if (n < N && m < M) y[int64_t(m) * N + n] = from_float<T>(sum);
   }
 }
 

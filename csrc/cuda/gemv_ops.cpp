@@ -35,7 +35,8 @@ int64_t fused_max_rows() {
 bool fused_applies(const at::Tensor& x, int64_t blocksize, c10::IntArrayRef shape) {
   return (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && shape.size() == 2 &&
          shape[1] % 32 == 0 && shape[1] % blocksize == 0 && shape[0] < (int64_t(1) << 31) &&
-         shape[1] < (int64_t(1) << 30);
+         shape[1] < (int64_t(1) << 30) &&
+         shape[0] * (shape[1] / blocksize) < (int64_t(1) << 31);  // the kernel indexes absmax with int32
 }
 
 at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax,
@@ -64,7 +65,7 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x_in.options());
   const int64_t M = x_in.numel() / K;
-  if (M == 0) return y;
+  if (M == 0 || shape[0] == 0) return y;  // the kernel clamps rows to N - 1 and tokens to M - 1
   TORCH_CHECK(M < (int64_t(1) << 31), "gemv_4bit: too many rows in x (", M, ")");
   const at::Tensor x = aligned(x_in.reshape({M, K}), 16);  // a copy only if x is strided or misaligned
   const at::Tensor packed = aligned(packed_in, 16);
