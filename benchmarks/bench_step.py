@@ -12,7 +12,8 @@ torch.cuda.max_memory_allocated counts it; the paged optimizer state of both sid
 it), TFLOP/s counted as 3 × shapes.flops_per_token (forward, recompute, grad-input) and the ratio to transformers.
 
 minqlora configurations (CONFIGS): the checkpointing mode (none / selective / full), the last layers left
-uncheckpointed, the checkpointed layer inputs offloaded to host memory or not, and the loss's chunk (0: full
+uncheckpointed, the checkpointed layer inputs offloaded to host memory or not, the first layers parked in host
+memory (host_layers.py; the JSON records host_layers, host_prefetch and parked_gb) and the loss's chunk (0: full
 logits). "fast" is then the fastest configuration whose peak is at most transformers' peak, "lean" the one with the
 least peak memory; both are printed with ratios.
 Each model is freed before the next is built, so a peak counts one model. A configuration that runs out of memory
@@ -41,6 +42,7 @@ import torch
 import hf_baseline  # benchmarks/: the transformers + peft + bitsandbytes side
 from minqlora import fused
 from minqlora.data import Batch
+from minqlora.host_layers import PREFETCH_LAYERS
 from minqlora.lora import add_lora
 from minqlora.lora_fused import set_lora_path
 from minqlora.optim import PagedAdamW
@@ -67,6 +69,8 @@ class StepConfig:
     lora_path: str = "fused"  # lora_fused.LORA_PATHS: the LoRA branch (TrainConfig's default is "fused")
     fused_ops: str = "auto"  # RMSNorm / RoPE / SwiGLU on the GPU: fused.BACKENDS, "auto" (its default), "off" (eager)
     recompute_inputs: bool = True  # grouped LoRA branches redo norm / SwiGLU outputs in backward (set_lora_path)
+    host_layers: int = 0  # the first N layers keep their activations in pinned host memory (host_layers.py)
+    host_prefetch: int = PREFETCH_LAYERS  # a parked layer i comes back when the backward of layer i + this starts
 
 
 CONFIGS = (
@@ -101,6 +105,26 @@ CONFIGS = (
     StepConfig("none+compile", "none", False, 1024, fused_ops="compile"),
     StepConfig("full+compile", "full", False, 1024, fused_ops="compile"),
     StepConfig("full+offload+compile", "full", True, 256, fused_ops="compile"),
+    # Host layers (host_layers.py), 8B shape at 4 x 2048: a parked layer takes its 0.72 GiB off the GPU for about
+    # 17 ms of PCIe each way (~45 GB/s) against ~6 ms of forward and ~12 ms of backward per layer, and the first
+    # layers are parked so their copies run behind every later layer's compute (copies out of 10 layers: ~170 ms
+    # in a ~200 ms forward). Fast side: none (13,949 tok/s, 30.5 GB) less 0.72 GiB per parked layer: 9 layers
+    # 24.0, 10 layers 23.3, 12 layers 21.9 GB, no recomputation; full-keep22 (12,195 tok/s, 23.9 GB) with the
+    # first 8 of its 10 recomputed layers parked instead recomputes 2.
+    StepConfig("none-host9", "none", False, 1024, host_layers=9, host_prefetch=2),
+    StepConfig("none-host10", "none", False, 1024, host_layers=10, host_prefetch=2),
+    StepConfig("none-host12", "none", False, 1024, host_layers=12, host_prefetch=2),
+    StepConfig("none-host10-pf4", "none", False, 1024, host_layers=10, host_prefetch=4),  # more lead: free here
+    StepConfig("none-host12-pf4", "none", False, 1024, host_layers=12, host_prefetch=4),
+    StepConfig("full-keep22-host8", "full", False, 1024, keep_last=22, host_layers=8, host_prefetch=2),
+    StepConfig("full-keep22-host8-pf4", "full", False, 1024, keep_last=22, host_layers=8, host_prefetch=4),
+    # Lean side: full+offload (9,900 tok/s, 7.46 GB) with its first layers parked instead of recomputed, ~7.5 ms
+    # saved each; what they cost is the layers brought back ahead of need (host_prefetch) on top of the recompute
+    # peak, 0.72 GiB each, against the 8.6 GB budget.
+    StepConfig("full+offload-host8", "full", True, 256, host_layers=8, host_prefetch=1),
+    StepConfig("full+offload-host10", "full", True, 256, host_layers=10, host_prefetch=1),
+    StepConfig("full+offload-host10-pf2", "full", True, 256, host_layers=10, host_prefetch=2),
+    StepConfig("full+offload-host12", "full", True, 256, host_layers=12, host_prefetch=1),
 )
 QUICK = ("none", "selective", "selective-keep4", "full", "full+offload", "full+offload+eager")
 
@@ -147,6 +171,9 @@ def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     model.gradient_checkpointing = cfg.checkpointing
     model.model.offload_checkpoints = cfg.offload
     model.model.keep_last_layers = cfg.keep_last
+    model.model.host_layers, model.model.host_prefetch = host_layers(cfg, len(model.model.layers)), cfg.host_prefetch
+    model.model.host_layer_range()  # a bad configuration fails here, not as a step's error
+    model.model.host_stats = None
     params = [p for p in model.parameters() if p.requires_grad]
     n = batch.num_label_tokens
     return optimizer_step(lambda: token_loss_sum(model, batch, device, bf16=True, loss_chunk=cfg.loss_chunk) / n,
@@ -173,6 +200,19 @@ def fresh(device: torch.device) -> None:
         if hasattr(torch._C, "_host_emptyCache"):  # the pinned blocks of offloaded activations, tens of GB at 100k+
             torch._C._host_emptyCache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def host_layers(cfg: StepConfig, n_layers: int) -> int:
+    """cfg.host_layers, capped for models with fewer layers than the 8B shape's 32 (--tiny, --layers): the parked
+    layers and the last keep_last (with checkpointing) may not overlap."""
+    keep = min(cfg.keep_last, n_layers) if cfg.checkpointing != "none" else 0
+    return min(cfg.host_layers, n_layers - keep)
+
+
+def parked_gb(model) -> float | None:
+    """GiB the last step's forward parked in host memory (host_layers.HostStats), None without host layers."""
+    stats = model.model.host_stats
+    return stats.bytes / 2**30 if stats is not None else None
 
 
 def peak_gb(device: torch.device) -> float | None:
@@ -219,7 +259,8 @@ def run_shape(shape: str, config, batches, device, configs, sides, warmup, steps
                 rows.append({"side": "minqlora", "config": cfg.name, "batch": b, "seq_len": t, **r,
                              "checkpointing": cfg.checkpointing, "offload": cfg.offload,
                              "loss_chunk": cfg.loss_chunk, "keep_last": cfg.keep_last,
-                             "recompute_inputs": cfg.recompute_inputs})
+                             "recompute_inputs": cfg.recompute_inputs, "host_layers": model.model.host_layers,
+                             "host_prefetch": cfg.host_prefetch, "parked_gb": parked_gb(model)})
                 print(_line(rows[-1]), flush=True)
         del model
         fresh(device)
@@ -242,11 +283,13 @@ def run_shape(shape: str, config, batches, device, configs, sides, warmup, steps
 
 
 def _line(row: dict) -> str:
-    what = f"{row['side']:12s} {row['config']:18s} {row['batch']} x {row['seq_len']:<6d}"
+    what = f"{row['side']:12s} {row['config']:24s} {row['batch']} x {row['seq_len']:<6d}"
     if "oom" in row:
         return f"  {what} OOM"
     peak = f"{row['peak_gb']:6.2f} GB" if row["peak_gb"] is not None else "   - GB"
-    return f"  {what} {row['s'] * 1e3:9.1f} ms/step {row['batch'] * row['seq_len'] / row['s']:9.1f} tok/s  {peak}"
+    parked = f"  {row['parked_gb']:.2f} GB parked" if row.get("parked_gb") is not None else ""
+    return (f"  {what} {row['s'] * 1e3:9.1f} ms/step {row['batch'] * row['seq_len'] / row['s']:9.1f} tok/s  {peak}"
+            + parked)
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -259,12 +302,12 @@ def summary(rows: list[dict]) -> list[str]:
         out.append(f"batch {b} x {t}:")
         for r in group:
             if "s" not in r:
-                out.append(f"  {r['side']:12s} {r['config']:18s}      OOM")
+                out.append(f"  {r['side']:12s} {r['config']:24s}      OOM")
                 continue
             ratio = (f"  {r['tok_s'] / hf['tok_s']:5.2f}x tok/s" if hf else "") + (
                 f"  {r['peak_gb'] / hf['peak_gb']:5.2f}x memory" if hf and r["peak_gb"] else "")
             peak = f"{r['peak_gb']:6.2f} GB" if r["peak_gb"] is not None else "     - GB"
-            out.append(f"  {r['side']:12s} {r['config']:18s} {r['tok_s']:9.1f} tok/s {peak} "
+            out.append(f"  {r['side']:12s} {r['config']:24s} {r['tok_s']:9.1f} tok/s {peak} "
                        f"{r['tflops']:6.1f} TFLOP/s{ratio}")
         if hf and ours and hf["peak_gb"] is not None:
             fits = [r for r in ours if r["peak_gb"] <= hf["peak_gb"]]

@@ -220,6 +220,12 @@ def _finetune_flags(p, d) -> None:
                      help="keep checkpointed layer inputs in pinned host memory (long context on CUDA)")
     opt.add_argument("--keep-last-layers", dest="keep_last_layers", type=non_negative_int,
                      default=d.keep_last_layers, help="with checkpointing, the last N layers are not recomputed")
+    opt.add_argument("--host-layers", dest="host_layers", type=non_negative_int, default=d.host_layers,
+                     help="the first N layers are not recomputed and keep their activations in pinned host memory "
+                          "(copies overlap compute on CUDA; with checkpointing N + --keep-last-layers <= layers)")
+    opt.add_argument("--host-prefetch", dest="host_prefetch", type=non_negative_int, default=d.host_prefetch,
+                     help="a host layer comes back when the backward of the layer N after it starts (more: fewer "
+                          "stalls; with checkpointing, N - 1 layers' activations more at the peak)")
     opt.add_argument("--loss-chunk", dest="loss_chunk", type=non_negative_int, default=d.loss_chunk,
                      help="tokens per piece of the fused output layer + loss (0: full logits at once)")
     book = _FlagGroup(p, "bookkeeping")

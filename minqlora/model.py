@@ -6,8 +6,8 @@ quantized or LoRA module: every projection is called as a plain `module(x)`.
 
 Leaves out: checkpoint loading (checkpoint.py builds a `Llama` on the meta device, materializes it with `to_empty`
 and loads weights), quantization and LoRA (module swaps from linear4bit.py and lora.py), the loss (sft.py, loss.py),
-activation checkpointing's mechanics (checkpointing.py) and decoding loops (generate.py). Rope types other than
-default / linear / llama3 are refused rather than approximated.
+activation checkpointing's and host layers' mechanics (checkpointing.py, host_layers.py) and decoding loops
+(generate.py). Rope types other than default / linear / llama3 are refused rather than approximated.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from . import fused
 from .checkpointing import HostOffloader, checkpoint_layer, checkpoint_mode
+from .host_layers import PREFETCH_LAYERS, HostParking, host_layer_range
 from .fused import rms_norm, rope_qk, swiglu  # the elementwise spec; fused.call runs their fused GPU path
 from .static_cache import StaticKVCache
 
@@ -305,6 +306,15 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False  # or "full" / "selective" / "none" (checkpointing.py); True = "full"
         self.offload_checkpoints = False  # checkpointed layer inputs to pinned host memory (checkpointing.py)
         self.keep_last_layers = 0  # with checkpointing, the last N layers keep their activations (no recomputation)
+        self.host_layers = 0  # the first N layers keep their activations in pinned host memory (host_layers.py)
+        self.host_prefetch = PREFETCH_LAYERS  # a host layer i comes back when the backward of layer i + this starts
+        self.host_stats = None  # host_layers.HostStats of the last forward that parked layers
+
+    def host_layer_range(self) -> range:
+        """The layers a training forward parks in host memory, [0, host_layers); ValueError when host_layers is
+        negative or overlaps the last keep_last_layers (with checkpointing)."""
+        keep = self.keep_last_layers if checkpoint_mode(self.gradient_checkpointing) != "none" else 0
+        return host_layer_range(len(self.layers), self.host_layers, keep)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None,
                 cache: KVCache | StaticKVCache | None = None):
@@ -330,15 +340,26 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         mode = checkpoint_mode(self.gradient_checkpointing)
-        recompute = mode != "none" and self.training and cache is None and torch.is_grad_enabled()
+        training = self.training and cache is None and torch.is_grad_enabled()
+        recompute = mode != "none" and training
         offloader = HostOffloader(x.device) if recompute and self.offload_checkpoints else None
+        # Layers [0, host) parked in host memory, [host, checkpointed) recomputed, the rest kept on the GPU.
+        host = self.host_layer_range() if training else range(0)
+        parking = HostParking(x.device, host, len(self.layers) - 1, self.host_prefetch) if host else None
         checkpointed = len(self.layers) - self.keep_last_layers
         for i, layer in enumerate(self.layers):
-            if recompute and i < checkpointed:
+            if i in host:
+                x = parking.run(i, layer, x, cos, sin, mask)
+            elif recompute and i < checkpointed:
                 # Recompute each block in backward: keeps one (B, T, H) activation per layer instead of ~20.
                 x = checkpoint_layer(layer, x, cos, sin, mask, mode=mode, offloader=offloader)
             else:
                 x = layer(x, cos, sin, mask, cache)
+            if parking is not None:
+                parking.after_layer(i, x)  # releases parked layers' GPU copies; hangs their prefetch on x
+        if parking is not None:
+            parking.finish_forward()
+            self.host_stats = parking.stats
         if isinstance(cache, KVCache):
             cache.length += t
         return self.norm(x)

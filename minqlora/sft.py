@@ -98,6 +98,11 @@ class TrainConfig:
     offload_checkpoints: bool = False  # checkpointed layer inputs to pinned host memory (long context; CUDA)
     keep_last_layers: int = 0  # with checkpointing, the last N decoder layers keep their activations: faster,
     # N layers' activations more memory (spend what the memory budget leaves)
+    host_layers: int = 0  # the first N decoder layers are not recomputed and keep their activations in pinned host
+    # memory, copied out and back on a side stream behind the other layers' compute (host_layers.py; CUDA: the
+    # copies cost PCIe time, ~17 ms per 8B-shaped layer at 4 x 2048; with checkpointing, N + keep_last_layers <= layers)
+    host_prefetch: int = 4  # a host layer i is brought back when the backward of layer i + N starts: more lead hides
+    # more copy time, and with checkpointing each layer back early adds its activations to the peak (host_layers.py)
     loss_chunk: int = 512  # rows per piece of the fused head + cross-entropy (loss.py); 0: full logits at once
     # -- bookkeeping
     seed: int = 42  # eval split, data order, packing and LoRA init/dropout
@@ -125,6 +130,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.keep_last_layers must be >= 0, got {self.keep_last_layers!r}")
         if self.loss_chunk < 0:
             raise ValueError(f"TrainConfig.loss_chunk must be >= 0 (0: full logits), got {self.loss_chunk!r}")
+        if not isinstance(self.host_layers, int) or self.host_layers < 0:
+            raise ValueError(f"TrainConfig.host_layers must be an int >= 0, got {self.host_layers!r}")
+        if not isinstance(self.host_prefetch, int) or self.host_prefetch < 0:
+            raise ValueError(f"TrainConfig.host_prefetch must be an int >= 0 (layers of lead), got {self.host_prefetch!r}")
+        if self.host_layers and self.parallel == "fsdp2":
+            raise ValueError("TrainConfig.host_layers does not combine with parallel='fsdp2' (the gathered weights "
+                             "would be saved as activations and copied); use 'ddp' or host_layers=0")
         if self.offload_checkpoints and self.gradient_checkpointing == "none":
             raise ValueError("TrainConfig.offload_checkpoints needs gradient_checkpointing 'full' or 'selective'")
         if self.max_steps < 0 or self.epochs <= 0:
@@ -232,6 +244,8 @@ def train(model, tokenizer: Tokenizer, config: TrainConfig) -> dict:
     model.gradient_checkpointing = config.gradient_checkpointing
     model.model.offload_checkpoints = config.offload_checkpoints
     model.model.keep_last_layers = config.keep_last_layers
+    model.model.host_layers, model.model.host_prefetch = config.host_layers, config.host_prefetch
+    model.model.host_layer_range()  # host_layers against this model's layer count, now rather than at the first step
     model.train()
     summary = trainable_summary(model, print_it=False)
     step, bad_steps, metrics_offset = 0, 0, 0

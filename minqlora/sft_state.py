@@ -43,8 +43,9 @@ ADAPTER_DIR = "adapter"  # the final adapter, beside (not above) checkpoints/
 # What a run writes; CONFIG_NAME and WEIGHTS_NAME are where runs before adapter/ put the final adapter.
 RUN_FILES = (CONFIG_FILE, METRICS_NAME, "checkpoints", PLOT_NAME, ADAPTER_DIR, CONFIG_NAME, WEIGHTS_NAME)
 # TrainConfig fields that may change between a run and its resumption: they do not change what is computed.
+# host_layers / host_prefetch move saved bytes to host memory and back unchanged (and runs written before it had no such field).
 RESUMABLE_CHANGES = ("model", "data", "eval_data", "tokenizer", "output_dir", "device", "resume", "overwrite",
-                     "progress", "dist_backend", "dist_timeout")
+                     "progress", "dist_backend", "dist_timeout", "host_layers", "host_prefetch")
 
 
 def model_identity(model, path: str, world_size: int = 1) -> dict:

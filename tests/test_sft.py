@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import minqlora.host_layers
 import minqlora.model
 from minqlora.checkpoint import save_pretrained
 from minqlora.data import IGNORE_INDEX, collate, make_rows, tokenize_record
@@ -224,6 +225,30 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, tok, data_file):
     with pytest.raises(FloatingPointError, match="stopping at step 3: 3 consecutive steps with a NaN/Inf loss"):
         train(model, tok, config(tmp_path, data_file, max_steps=10, max_bad_steps=3, overwrite=True))
     assert [r.get("skipped") for r in metrics(out)] == ["non-finite loss"] * 3
+
+
+def test_host_layers_train_the_same_adapter(tmp_path, tok, data_file, monkeypatch):
+    """host_layers parks saved tensors in host memory and back unchanged: the same adapter bytes and losses, with
+    dropout on and full checkpointing of the layer that is not parked; a run may resume with another host_layers."""
+    monkeypatch.setattr(minqlora.host_layers, "MIN_PARK_BYTES", 0)  # the tiny model's tensors are all small
+    runs = {}
+    for host in (0, 1):
+        model = tiny_model(tok.vocab_size)
+        cfg = config(tmp_path / str(host), data_file, max_steps=3, lora_dropout=0.1, gradient_checkpointing="full",
+                     host_layers=host)
+        train(model, tok, cfg)
+        assert (model.model.host_stats is not None) == bool(host)
+        out = tmp_path / str(host) / "run"
+        runs[host] = (out / "adapter" / "adapter_model.safetensors").read_bytes(), [
+            {k: v for k, v in r.items() if k not in TIMING} for r in metrics(out)]
+    assert runs[1] == runs[0]
+    train(tiny_model(tok.vocab_size), tok, config(tmp_path / "0", data_file, max_steps=3, lora_dropout=0.1,
+                                                  gradient_checkpointing="full", host_layers=1, resume=True))
+    with pytest.raises(ValueError, match="host_layers=2 with keep_last_layers=1"):
+        train(tiny_model(tok.vocab_size), tok, config(tmp_path / "2", data_file, gradient_checkpointing="full",
+                                                      host_layers=2, keep_last_layers=1))
+    with pytest.raises(ValueError, match="TrainConfig.host_prefetch must be an int >= 0"):
+        config(tmp_path / "3", data_file, host_layers=1, host_prefetch=-1)
 
 
 def test_output_dir_with_another_run_is_refused(tmp_path, tok, data_file):
