@@ -12,7 +12,8 @@ For each shape (N, K) of a Llama projection and each row count M of x:
   kernel time, against a device-to-device copy measured in the same run (bytes read + written).
 "minqlora dq+mm" is minqlora's dequantize + F.linear (its path for many rows), for the crossover.
 
-Usage: python benchmarks/bench_gemv.py [--quick] [--out results.json] [--png tbs.png]
+Usage: python benchmarks/bench_gemv.py [--quick] [--shapes 14336x4096 ...] [--ms 1 16 ...] [--out results.json]
+       [--png tbs.png]
 """
 
 from __future__ import annotations
@@ -151,10 +152,14 @@ def run_shape(n: int, k: int, ms, tbs: float) -> list[dict]:
             us = graph_us(calls)
             wall, host = eager_us(calls[0])
             row[name] = {"graph_us": us, "eager_us": wall, "host_us": host, "TB/s": (nbytes + xb) / us / 1e6}
-        for rows_per_cta in (16, 32, 64, 128):  # the fused kernel's CTA shapes, for the launcher's choice
-            if m <= 32:
-                calls = [lambda p=p, s=s, r=rows_per_cta: ops.gemv_4bit(x, p, s, rows_per_cta=r) for p, s in W.mq]
-                row[f"fused rows/CTA {rows_per_cta}"] = {"graph_us": graph_us(calls)}
+        # the fused kernels' CTA shapes, for the launcher's choice; at one token also the register-ring kernel, which
+        # the streaming one replaces there
+        variants = [("auto", r) for r in (16, 32, 64, 128)] + ([("ring", r) for r in (0, 16, 64)] if m == 1 else [])
+        for kernel, r in variants if m <= 32 else ():
+            calls = [lambda p=p, s=s, r=r, kn=kernel: ops.gemv_4bit(x, p, s, rows_per_cta=r, kernel=kn)
+                     for p, s in W.mq]
+            name = f"fused rows/CTA {r}" if kernel == "auto" else f"ring rows/CTA {r or 'auto'}"
+            row[name] = {"graph_us": graph_us(calls)}
         rows.append(row)
         print(f"{n}x{k} M={m}: " + ", ".join(f"{k_}: {v['graph_us']:.2f} us" for k_, v in row.items()
                                              if isinstance(v, dict)), flush=True)
@@ -224,12 +229,23 @@ def plot(rows: list[dict], tbs: float, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="three shapes, M in 1, 16, 32")
+    ap.add_argument("--shapes", nargs="+", metavar="NxK", help="only these weight shapes (default: all of SHAPES)")
+    ap.add_argument("--ms", nargs="+", type=int, metavar="M", help="only these row counts of x")
     ap.add_argument("--out", help="write every figure as JSON here")
     ap.add_argument("--png", help="write the TB/s-vs-M plot here")
     args = ap.parse_args()
     torch.manual_seed(0)
     shapes = SHAPES[:1] + SHAPES[2:4] if args.quick else SHAPES
-    ms = [1, 16, 32] if args.quick else MS
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+        except ValueError:
+            ap.error(f"--shapes takes NxK such as 14336x4096, got {args.shapes}")
+        if any(len(s) != 2 or min(s) < 1 for s in shapes):
+            ap.error(f"--shapes takes NxK with N, K >= 1, got {args.shapes}")
+    ms = args.ms or ([1, 16, 32] if args.quick else MS)
+    if min(ms) < 1:
+        ap.error(f"--ms takes row counts >= 1, got {ms}")
     tbs = copy_tbs()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} bitsandbytes {bnb.__version__}; "
           f"copy {tbs:.2f} TB/s", flush=True)

@@ -31,11 +31,12 @@ TORCH_LIBRARY(minqlora, m) {
   m.def("gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
         "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape) -> Tensor");
   // gemm_4bit through the fused few-row kernel alone (CUDA; x bf16/fp16, K a multiple of 32 and of blocksize):
-  // what gemm_4bit dispatches to for few rows, exposed for tests and benchmarks. rows_per_cta (16, 32, 64, 128; 0 = automatic) is
-  // the kernel's CTA shape, for benchmarking the launcher's choice.
+  // what gemm_4bit dispatches to for few rows, exposed for tests and benchmarks. rows_per_cta (16, 32, 64, 128; 0 =
+  // automatic) is the kernel's CTA shape, kernel (0 = automatic, 1 = the register ring, 2 = the one-token streaming
+  // kernel; csrc/cuda/gemv_launch.h) which kernel, both for testing and benchmarking the launcher's choices.
   m.def("gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
         "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, "
-        "int rows_per_cta=0) -> Tensor");
+        "int rows_per_cta=0, int kernel=0) -> Tensor");
   // grad_x = grad_y @ dequant(W): grad_y (..., N) -> (..., K). (Linear4bit backward; W gets no gradient)
   m.def("gemm_4bit_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
         "Tensor? nested_map, float nested_offset, int blocksize, int nested_blocksize, str quant_type, "

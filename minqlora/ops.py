@@ -54,7 +54,7 @@ def _(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, ne
 
 @torch.library.register_fake("minqlora::gemv_4bit")
 def _(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type, shape,
-      rows_per_cta=0):
+      rows_per_cta=0, kernel=0):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
@@ -220,9 +220,17 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch
     return _ops.gemm_4bit(x, quant.packed_bytes(packed), *_state_args(state))
 
 
-def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per_cta: int = 0) -> torch.Tensor:
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per_cta: int = 0,
+              kernel: str = "auto") -> torch.Tensor:
     """The fused CUDA kernel behind gemm_4bit for few rows, called directly (tests, benchmarks): bf16/fp16 x on a
-    GPU, in_features a multiple of 32 and of the blocksize, any number of rows. Not differentiable."""
+    GPU, in_features a multiple of 32 and of the blocksize, any number of rows. Not differentiable.
+
+    rows_per_cta (16, 32, 64, 128; 0 = the launcher's choice) sets the CTA shape; kernel picks "ring" (the register
+    ring, any M), "stream" (one token, operands streamed through shared memory; at M > 1 the ring runs) or "auto"
+    (stream for one token)."""
+    kernels = {"auto": 0, "ring": 1, "stream": 2}
+    if kernel not in kernels:
+        raise ValueError(f"gemv_4bit: kernel must be one of {sorted(kernels)}, got {kernel!r}")
     if x.shape[-1] != state.shape[-1]:
         raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {state.shape[-1]}")
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -230,7 +238,7 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per
     if state.shape[-1] % 32 or state.shape[-1] % state.blocksize:
         raise ValueError(f"gemv_4bit needs in_features ({state.shape[-1]}) to be a multiple of 32 and of the "
                          f"blocksize ({state.blocksize}); gemm_4bit handles the rest")
-    return _ops.gemv_4bit(x, quant.packed_bytes(packed), *_state_args(state), rows_per_cta)
+    return _ops.gemv_4bit(x, quant.packed_bytes(packed), *_state_args(state), rows_per_cta, kernels[kernel])
 
 
 # ---------------------------------------------------------------------------------------------------------------

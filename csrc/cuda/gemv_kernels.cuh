@@ -29,64 +29,11 @@
 //   which starves L1 of x.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <cstdint>
-#include <type_traits>
-
-#include "../common.h"
-#include "gemv_launch.h"
+#include "gemv_common.cuh"
 
 namespace minqlora {
 namespace cuda {
 namespace gemv {
-
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kTileRows = 16;          // output features per MMA tile (the MMA's M)
-constexpr int kChunk = 128;            // k values per chunk: 64 packed bytes per row, 16 per lane of a quad
-constexpr int kRowWords = 64;          // words per byte value in the pair table (lanes use 32: see lookup)
-constexpr int kTableWords = 256 * kRowWords;  // pair table: 256 byte values × 64 words = 64 KB
-constexpr int kSmemBytes = (kTableWords + 256) * 4;  // + the 256-entry double-quant map
-
-using Args = GemvArgs;  // gemv_launch.h
-
-__constant__ float kGemvCodes[2][16] = {MQ_NF4_TABLE, MQ_FP4_TABLE};  // indexed by QuantType
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __float2bfloat16_rn(v);
-  else return __float2half_rn(v);
-}
-
-// d += A·B for one m16n8k16 tile, fp32 accumulators. A: 4 registers (rows g / g+8 × k-slots 2t.. / 2t+8..), B: 2.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                 "{%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
 
 // Weights are read once: stream them past L1 (x, read by every warp, stays cached).
 __device__ __forceinline__ uint4 load_stream16(const uint8_t* p) {
@@ -104,13 +51,6 @@ __device__ __forceinline__ uint32_t load_stream4(const uint8_t* p) {
   uint32_t v;
   asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];\n" : "=r"(v) : "l"(p));
   return v;
-}
-
-// Byte offset, within a chunk's 64 bytes of one row, of word q (0..3) of lane t's 16 bytes. The lane's bytes come in
-// NBPC runs, one per quantization block of the chunk: run j = q / (4/NBPC) starts at j·(64/NBPC) + t·(16/NBPC).
-template <int NBPC>
-__device__ __forceinline__ constexpr int word_offset(int q, int t) {
-  return (q / (4 / NBPC)) * (64 / NBPC) + t * (16 / NBPC) + 4 * (q % (4 / NBPC));
 }
 
 // The 16 bytes (4 words) of lane t for one row and chunk; p = the row's chunk start + t·16/NBPC. tail: the chunk
@@ -144,15 +84,6 @@ __device__ __forceinline__ void load_x_chunk(uint4 (&xv)[4], const uint16_t* xp,
   }
 }
 
-// One lookup: the two values of packed byte i of w, as the A-operand register (low half = the high nibble = the
-// lower k). The table row of byte value b is 256 bytes (64 words, lanes use the first 32), so one byte permute
-// builds the whole shared-memory offset: byte 0 = 4·lane (from `lane4`), byte 1 = byte i of w, bytes 2, 3 = zero
-// (byte 1 of lane4). That is 2 instructions per packed byte (PRMT + LDS) where shift / mask / insert / scale / add
-// took 5-6 (kernel version 4).
-__device__ __forceinline__ uint32_t lookup(const char* table, uint32_t w, uint32_t lane4, int i) {
-  return *reinterpret_cast<const uint32_t*>(table + __byte_perm(w, lane4, 0x5504u | (uint32_t(i) << 4)));
-}
-
 // Registers of one chunk in flight: this lane's 16 weight bytes of rows g and g + 8, its raw block scale(s), and
 // (kXInStage) its x values.
 template <int NBPC, int NT, bool kXInStage>
@@ -181,22 +112,9 @@ constexpr int stages() { return NT == 1 ? 3 : 2; }
 template <typename T, int NBPC, int NT>
 __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(const Args a, const int wr_count) {
   extern __shared__ __align__(16) uint32_t smem[];
-  uint32_t* table = smem;                                           // [256][64], lanes use words 0..31
-  float* map_s = reinterpret_cast<float*>(smem + kTableWords);      // [256]
-  {
-    // Each warp writes the pairs of its 32 byte values: 4 byte values × 32 lane copies per warp store (four 128-byte
-    // rows, conflict-free), 8 vector stores per thread.
-    const float* codes = kGemvCodes[a.quant_type];
-    const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      const int byte = w * 32 + s * 4 + (l >> 3);  // kWarps · 32 == 256 byte values
-      const uint32_t v = pack_pair<T>(codes[byte >> 4], codes[byte & 15]);
-      reinterpret_cast<uint4*>(table)[byte * (kRowWords / 4) + (l & 7)] = make_uint4(v, v, v, v);
-    }
-    if (a.codes != nullptr) map_s[threadIdx.x] = a.map[threadIdx.x];  // kThreads == 256
-  }
+  build_table<T>(smem, a);
   __syncthreads();
+  const float* map_s = reinterpret_cast<const float*>(smem + kTableWords);
 
   constexpr bool kXInStage = NT <= 2;
   constexpr int S = stages<NT>();
@@ -206,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;  // MMA fragment coordinates: group (row / token) and thread in group
   const uint32_t lane4 = 4u * lane;
-  const char* tbl = reinterpret_cast<const char*>(table);
+  const char* tbl = reinterpret_cast<const char*>(smem);
   const int K = a.K, N = a.N, M = a.M;
   const int wr = warp % wr_count, splits = kWarps / wr_count, ks = warp / wr_count;
   const int tile = blockIdx.x * wr_count + wr;
@@ -276,45 +194,13 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(xl[nt], xp[nt] + int64_t(c) * 128, tail, tail_blocks);
     }
-    // This lane's scales for the chunk: float32 absmax, or decoded from the double-quant code exactly as
-    // quant.dequantize_ref does, map[code] · absmax2[idx / nested_bs] + offset, each step rounded.
+    // This lane's scales for the chunk: float32 absmax, or decoded from the double-quant code.
     float s_mine[kSlots];
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot)
-      s_mine[slot] = dq ? __fadd_rn(__fmul_rn(map_s[st.code[slot]], st.val[slot]), offset) : st.val[slot];
-#pragma unroll
-    for (int j = 0; j < NBPC; ++j) {
-      if (tail && j >= tail_blocks) break;  // warp-uniform
-      float acc[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-      // block j's words: 4/NBPC of them, two MMA k-steps each (bytes 0,1 then 2,3)
-#pragma unroll
-      for (int q = j * (4 / NBPC); q < (j + 1) * (4 / NBPC); ++q) {
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          const uint32_t a0 = lookup(tbl, st.w[0][q], lane4, 2 * s), a2 = lookup(tbl, st.w[0][q], lane4, 2 * s + 1);
-          const uint32_t a1 = lookup(tbl, st.w[1][q], lane4, 2 * s), a3 = lookup(tbl, st.w[1][q], lane4, 2 * s + 1);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            uint4 xq;
-            if constexpr (kXInStage) xq = st.x[nt][q];
-            else xq = xl[kXInStage ? 0 : nt][q];
-            mma16816<T>(acc[nt], a0, a1, a2, a3, s ? xq.z : xq.x, s ? xq.w : xq.y);
-          }
-        }
-      }
-      // rows g and g + 8 of block j: value j·16 + row, held by lane (j·16 + row) % 32 in slot j / 2
-      const float s0 = __shfl_sync(0xffffffffu, s_mine[kSlots == 2 ? j >> 1 : 0], (j * 16 + g) & 31);
-      const float s1 = __shfl_sync(0xffffffffu, s_mine[kSlots == 2 ? j >> 1 : 0], (j * 16 + g + 8) & 31);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        out[nt][0] = fmaf(s0, acc[nt][0], out[nt][0]);
-        out[nt][1] = fmaf(s0, acc[nt][1], out[nt][1]);
-        out[nt][2] = fmaf(s1, acc[nt][2], out[nt][2]);
-        out[nt][3] = fmaf(s1, acc[nt][3], out[nt][3]);
-      }
-    }
+      s_mine[slot] = dq ? dq_scale(map_s, st.code[slot], st.val[slot], offset) : st.val[slot];
+    if constexpr (kXInStage) chunk_mma<T, NBPC, NT>(out, st.w, st.x, s_mine, tbl, lane4, g, tail ? tail_blocks : NBPC);
+    else chunk_mma<T, NBPC, NT>(out, st.w, xl, s_mine, tbl, lane4, g, tail ? tail_blocks : NBPC);
   };
 
   // A ring of S chunks in registers: chunk c + S - 1 is requested before chunk c is decoded. The loop is unrolled
@@ -339,25 +225,7 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
     compute(true, full, ring[0]);
   }
 
-  // split-K reduction over each row tile's warps, through the (now free) table memory: red[warp][nt][i][lane]
-  __syncthreads();
-  float* red = reinterpret_cast<float*>(smem);
-  constexpr int kPerWarp = NT * 4 * 32;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp * kPerWarp + (nt * 4 + i) * 32 + lane] = out[nt][i];
-  __syncthreads();
-  T* y = static_cast<T*>(a.y);
-  for (int e = threadIdx.x; e < wr_count * kPerWarp; e += kThreads) {
-    const int tr = e / kPerWarp, el = e % kPerWarp;  // row tile of the CTA, element within it
-    float sum = 0.0f;
-    for (int v = 0; v < splits; ++v) sum += red[(v * wr_count + tr) * kPerWarp + el];
-    const int l = el & 31, i = (el >> 5) & 3, nt = el >> 7;
-    const int n = (blockIdx.x * wr_count + tr) * kTileRows + (l >> 2) + 8 * (i >> 1);
-    const int m = m0 + 8 * nt + 2 * (l & 3) + (i & 1);
-    if (n < N && m < M) y[int64_t(m) * N + n] = from_float<T>(sum);
-  }
+  reduce_store<T, NT>(smem, out, a, wr_count, m0);
 }
 
 }  // namespace gemv

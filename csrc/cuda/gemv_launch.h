@@ -27,8 +27,12 @@ struct GemvArgs {
   int quant_type;          // kNF4 / kFP4
 };
 
-// t is kBF16 or kF16. rows_per_cta: 16 or 32 output features per CTA, 0 = the launcher's choice.
-cudaError_t launch_gemv_4bit(Elem t, const GemvArgs& args, int rows_per_cta, cudaStream_t stream);
+// Which kernel: the launcher's choice (the streaming one for one token, gemv_stream.cuh), or the register ring
+// (gemv_kernels.cuh) at any M. The streaming kernel needs M == 1; asked for at another M, the ring runs.
+enum GemvKernel { kGemvAuto = 0, kGemvRing = 1, kGemvStream = 2 };
+
+// t is kBF16 or kF16. rows_per_cta: 16, 32, 64 or 128 output features per CTA, 0 = the launcher's choice.
+cudaError_t launch_gemv_4bit(Elem t, const GemvArgs& args, int rows_per_cta, int kernel, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace minqlora

@@ -42,7 +42,8 @@ bool fused_applies(const at::Tensor& x, int64_t blocksize, c10::IntArrayRef shap
 at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax,
                           const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_map,
                           double nested_offset, int64_t blocksize, int64_t nested_blocksize,
-                          c10::string_view quant_type, c10::IntArrayRef shape, int64_t rows_per_cta) {
+                          c10::string_view quant_type, c10::IntArrayRef shape, int64_t rows_per_cta,
+                          int64_t kernel) {
   check_4bit_args(packed_in, absmax, nested_absmax, nested_map, blocksize, nested_blocksize, shape);
   TORCH_CHECK(shape.size() == 2, "gemv_4bit needs a 2-D weight shape (N, K), got ", shape);
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == shape[1], "x has last dimension ",
@@ -54,6 +55,8 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
   TORCH_CHECK(rows_per_cta == 0 || rows_per_cta == 16 || rows_per_cta == 32 || rows_per_cta == 64 ||
                   rows_per_cta == 128,
               "gemv_4bit: rows_per_cta must be 0 (automatic), 16, 32, 64 or 128, got ", rows_per_cta);
+  TORCH_CHECK(kernel >= cuda::kGemvAuto && kernel <= cuda::kGemvStream,
+              "gemv_4bit: kernel must be 0 (automatic), 1 (register ring) or 2 (one-token streaming), got ", kernel);
   check_cuda(x_in, "x");
   check_cuda(packed_in, "packed");
   check_same_device(x_in, packed_in, "x", "packed");
@@ -87,7 +90,7 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
   a.log2_nested_bs = nested ? log2_int(nested_blocksize) : 0;
   a.quant_type = qt;
   C10_CUDA_CHECK(cuda::launch_gemv_4bit(elem_of(x.scalar_type()), a, static_cast<int>(rows_per_cta),
-                                        c10::cuda::getCurrentCUDAStream()));
+                                        static_cast<int>(kernel), c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -99,7 +102,7 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
                         x.numel() / std::max<int64_t>(shape[1], 1) <= fused_max_rows();
   if (few_rows && fused_applies(x, blocksize, shape)) {
     return gemv_4bit_cuda(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize,
-                          quant_type, shape, 0);
+                          quant_type, shape, 0, cuda::kGemvAuto);
   }
   return gemm_4bit_composite(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize,
                              nested_blocksize, quant_type, shape);

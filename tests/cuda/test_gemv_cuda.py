@@ -1,4 +1,5 @@
-"""The fused 4-bit GEMV / small-GEMM kernel (csrc/cuda/gemv_kernels.cuh) against its reference,
+"""The fused 4-bit GEMV / small-GEMM kernels (csrc/cuda/gemv_kernels.cuh, the register ring at any M, and
+gemv_stream.cuh, one token streamed through shared memory; M = 1 cases run both) against their reference,
 F.linear(x, quant.dequantize_ref(...)), and gemm_4bit's dispatch between it and dequantize + matmul.
 
 Every output element is held to a dot-product error bound, |y - y_exact| <= 2^-7 · sum_k |x_k| |w_nk| + 2^-8 |y|,
@@ -7,6 +8,8 @@ element is off by O(1) of that bound, while the kernel's own rounding (weights e
 fp16 table values, fp32 sums, one rounding of y) stays far inside it. The reference path (bf16/fp16 dequantized
 weight + cuBLAS) is held to the same bound, so the test also shows the two are equally accurate.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -49,6 +52,9 @@ def check(got, x, packed, state, what):
                              f"{bound.reshape(-1)[i].item():.3g})")
 
 
+KERNELS = ("ring", "stream")  # at M = 1 both run; "auto" picks stream there
+
+
 def rand_x(m, k, dtype, seed):
     g = torch.Generator(device=DEV).manual_seed(seed + 1)
     return torch.randn(m, k, generator=g, device=DEV).to(dtype)
@@ -63,7 +69,9 @@ def test_every_m_1_to_64(dtype, quant_type, double_quant):
     for m in range(1, 65):
         x = rand_x(m, 192, dtype, seed=m)
         for rows in (0, 128):  # 128: eight row tiles per CTA, all but three of them past N
-            check(ops.gemv_4bit(x, packed, state, rows_per_cta=rows), x, packed, state, f"M={m} rows={rows}")
+            for kernel in KERNELS if m == 1 else ("auto",):
+                check(ops.gemv_4bit(x, packed, state, rows_per_cta=rows, kernel=kernel), x, packed, state,
+                      f"M={m} rows={rows} {kernel}")
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
@@ -74,7 +82,9 @@ def test_blocksizes_and_odd_k(blocksize, odd, m):
     for n, dq in ((129, True), (16, False)):
         packed, state = make(n, k, blocksize, "nf4", dq, seed=blocksize + odd)
         x = rand_x(m, k, torch.bfloat16, seed=k + m)
-        check(ops.gemv_4bit(x, packed, state), x, packed, state, f"bs={blocksize} K={k} N={n} M={m}")
+        for kernel in KERNELS if m == 1 else ("auto",):
+            check(ops.gemv_4bit(x, packed, state, kernel=kernel), x, packed, state,
+                  f"bs={blocksize} K={k} N={n} M={m} {kernel}")
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)])
@@ -88,9 +98,32 @@ def test_model_shapes(shape, m):
     # every CTA shape (16 rows × a 1/8 split of K per warp ... 128 rows × all of K) meets the bound, and each is
     # deterministic: the same call twice gives the same bits
     for rows in (16, 32, 64, 128):
-        y = ops.gemv_4bit(x, packed, state, rows_per_cta=rows)
-        check(y, x, packed, state, f"{shape} M={m} rows_per_cta={rows}")
-        torch.testing.assert_close(ops.gemv_4bit(x, packed, state, rows_per_cta=rows), y, rtol=0, atol=0)
+        for kernel in KERNELS if m == 1 else ("auto",):
+            y = ops.gemv_4bit(x, packed, state, rows_per_cta=rows, kernel=kernel)
+            check(y, x, packed, state, f"{shape} M={m} rows_per_cta={rows} {kernel}")
+            torch.testing.assert_close(ops.gemv_4bit(x, packed, state, rows_per_cta=rows, kernel=kernel), y,
+                                       rtol=0, atol=0)
+
+
+def test_kernel_choice():
+    """"auto" is the streaming kernel at one token and the ring above; "stream" at M > 1 runs the ring; codes that
+    are not 4-byte aligned (a view at an odd offset) take the ring at one token; an unknown name is an error."""
+    packed, state = make(80, 320, 64, "nf4", True, seed=8)
+    x1 = rand_x(1, 320, torch.bfloat16, seed=8)
+    torch.testing.assert_close(ops.gemv_4bit(x1, packed, state), ops.gemv_4bit(x1, packed, state, kernel="stream"),
+                               rtol=0, atol=0)
+    x4 = rand_x(4, 320, torch.bfloat16, seed=9)
+    torch.testing.assert_close(ops.gemv_4bit(x4, packed, state, kernel="stream"),
+                               ops.gemv_4bit(x4, packed, state, kernel="ring"), rtol=0, atol=0)
+    codes = state.absmax
+    shifted = torch.empty(codes.numel() + 1, dtype=codes.dtype, device=DEV)[1:]
+    shifted.copy_(codes)
+    assert shifted.data_ptr() % 4 != 0
+    state_odd = dataclasses.replace(state, absmax=shifted)
+    got = ops.gemv_4bit(x1, packed, state_odd)
+    torch.testing.assert_close(got, ops.gemv_4bit(x1, packed, state, kernel="ring"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ops.gemv_4bit(x1, packed, state, kernel="fast")
 
 
 def test_every_output_written():

@@ -1,0 +1,207 @@
+// The one-token fused 4-bit GEMV (decoding, M = 1): y = x · dequant(W)ᵀ with every operand streamed through shared
+// memory by cp.async. It implements F.linear(x, quant.dequantize_ref(packed, state).to(x.dtype)) (minqlora/quant.py)
+// like gemv_kernels.cuh, with the same tiles, pair table, MMAs and split-K reduction (gemv_common.cuh); the
+// launcher is gemv.cu.
+//
+// Why a second kernel: in the register-ring kernel ptxas puts the global loads (weights, x, scales) and the table
+// lookups (LDS) on shared scoreboards, so waiting for a lookup waits for the loads still in flight too; long
+// scoreboard was 36-44 % of its stalls on the H200. Here a warp's global traffic is cp.async into its own ring of
+// kStreamStages chunks (weights 1 KB, x 256 B, the raw block scales), and cp.async.wait_group waits for exactly the
+// chunk about to be decoded; the warp itself only reads shared memory. x comes from the ring as well, so L1 no longer
+// has to hold it (which is what made the largest shared-memory carveout slow for version 6, git history).
+// One token only: x for 8 tokens would make a stage 3 KB and leave one CTA per SM.
+#pragma once
+
+#include "gemv_common.cuh"
+
+namespace minqlora {
+namespace cuda {
+namespace gemv {
+
+// Ring depth: 4 stages = two pairs of chunks; a warp decodes one pair while the next is in flight (2 KB of weights per
+// warp, 32 KB per SM at two CTAs of 8 warps: a 4.2 TB/s H200 needs ~30 GB/s per SM, so ~25 KB in flight at ~0.8 µs
+// loaded latency). Two chunks per step because one chunk's work is a few short dependent chains (weights -> lookups
+// -> 4 accumulating MMAs a block): with one chunk per step and 4 warps per scheduler, short scoreboard and fixed-
+// latency waits were 40 % of the stalls (Nsight Compute, 14336x4096).
+constexpr int kStreamStages = 4;
+template <int NBPC>
+constexpr int stream_slots() { return NBPC == 4 ? 2 : 1; }
+// One stage of a warp's ring: weights [16 rows][64 B] (16-byte units swizzled), x [128 values], then per slot the
+// 32 lanes' raw scale words: the 4-byte word holding the double-quant code, and absmax2 (or the float32 absmax).
+constexpr int kStageX = 1024, kStageScales = 1280;
+template <int NBPC>
+constexpr int stage_bytes() { return kStageScales + stream_slots<NBPC>() * 256; }
+template <int NBPC>
+constexpr int stream_smem_bytes() { return kTableBytes + kWarps * kStreamStages * stage_bytes<NBPC>(); }
+// Two CTAs per SM fit in the H200's 228 KB (1 KB of it reserved per CTA) for blocksizes >= 64; blocksize 32 (two
+// scale slots a stage) takes the register ring.
+static_assert(2 * (stream_smem_bytes<2>() + 1024) <= 228 * 1024, "two streaming CTAs per SM");
+
+// cp.async global -> shared; bytes beyond src_bytes (0 = all) are zero-filled and not read. 16 bytes through L2
+// only (weights are read once); 8 and 4 bytes must go through L1 (.ca).
+__device__ __forceinline__ void copy16(uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copy8(uint32_t dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 8 : 0) : "memory");
+}
+__device__ __forceinline__ void copy4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Row r's four 16-byte units are stored XOR-swizzled, unit u at u ^ swizzle(r), so the fragment reads hit 32
+// distinct banks: without it the lanes of rows g and g + 2 read the same units of their rows, 128 bytes apart.
+template <int NBPC>
+__device__ __forceinline__ int swizzle(int r) {
+  return NBPC == 4 ? (r >> 1) & 3 : NBPC == 2 ? ((r >> 1) & 1) << 1 : 0;
+}
+
+// Lane t's 4 words of row r from a stage, in word_offset's order (one 16-, two 8- or four 4-byte reads).
+template <int NBPC>
+__device__ __forceinline__ void read_row(uint32_t (&w)[4], const char* stage, int r, int t) {
+  const char* row = stage + r * 64;
+#pragma unroll
+  for (int j = 0; j < NBPC; ++j) {
+    const int off = word_offset<NBPC>(j * (4 / NBPC), t);
+    const char* p = row + (((off >> 4) ^ swizzle<NBPC>(r)) << 4) + (off & 15);
+    if constexpr (NBPC == 1) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    } else if constexpr (NBPC == 2) {
+      const uint2 v = *reinterpret_cast<const uint2*>(p);
+      w[2 * j] = v.x, w[2 * j + 1] = v.y;
+    } else {
+      w[j] = *reinterpret_cast<const uint32_t*>(p);
+    }
+  }
+}
+
+// x (1, K) T; W rows 16·wr_count from blockIdx.x·16·wr_count; warp w computes row tile w % wr_count over the
+// chunks split w / wr_count of 8 / wr_count (the partial last chunk included: its missing blocks arrive as zero x
+// and zero scales, so they add exactly 0). Needs a.codes 4-byte aligned (the launcher checks).
+template <typename T, int NBPC>
+__global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Args a, const int wr_count) {
+  extern __shared__ __align__(16) uint32_t smem[];
+  static_assert(NBPC <= 2, "blocksize 32 takes the register ring");
+  constexpr int S = kStreamStages, SB = stage_bytes<NBPC>(), kSlots = stream_slots<NBPC>();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const uint32_t lane4 = 4u * lane;
+  const int K = a.K, N = a.N;
+  const int wr = warp % wr_count, splits = kWarps / wr_count, ks = warp / wr_count;
+  const int tile = blockIdx.x * wr_count + wr;
+  const int chunks = (K + kChunk - 1) / kChunk;
+  const int c_begin = ks * chunks / splits, c_end = (ks + 1) * chunks / splits;
+
+  char* ring = reinterpret_cast<char*>(smem) + kTableBytes + warp * S * SB;
+  const float* map_s = reinterpret_cast<const float*>(smem + kTableWords);
+  const char* tbl = reinterpret_cast<const char*>(smem);
+  const float offset = a.offset;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+
+  // What this lane copies per chunk: unit t (k = 32t .. 32t + 31 of the chunk) of rows g and g + 8 (past N: row
+  // N - 1; dropped at the store), 4 values of x, and the raw scale(s) of row L & 15, block (L >> 4) + 2·slot.
+  const int64_t row_bytes = K / 2;
+  const uint8_t* wsrc[2];
+  uint32_t wdst[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = g + 8 * h;
+    wsrc[h] = a.packed + int64_t(min(tile * kTileRows + r, N - 1)) * row_bytes + 16 * t;
+    wdst[h] = r * 64 + ((t ^ swizzle<NBPC>(r)) << 4);
+  }
+  const uint16_t* xsrc = static_cast<const uint16_t*>(a.x) + 4 * lane;
+  const int blocks_per_row = K >> a.log2_bs;
+  const int n_blocks = N * blocks_per_row;
+  const int s_lane = min(tile * kTileRows + (lane & 15), N - 1) * blocks_per_row + (NBPC == 1 ? 0 : lane >> 4);
+  const int log2_bs = a.log2_bs, log2_nbs = a.log2_nested_bs;
+  const bool dq = a.codes != nullptr;
+  // the scale index of (chunk c, slot), or s_lane (a valid index, its value zero-filled) for a block past K
+  auto s_idx = [&](int c, int slot, bool& ok) {
+    ok = NBPC == 1 || c * kChunk + ((lane >> 4) + 2 * slot) * (kChunk / NBPC) < K;
+    return ok ? s_lane + (NBPC == 1 ? (c * kChunk) >> log2_bs : c * NBPC + 2 * slot) : s_lane;
+  };
+
+  auto copy_chunk = [&](int c, int stage) {
+    const uint32_t base = ring_s + stage * SB;
+    const int kc = c * kChunk;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) copy16(base + wdst[h], wsrc[h] + int64_t(c) * 64, kc + 32 * t < K);
+    copy8(base + kStageX + 8 * lane, xsrc + kc, kc + 4 * lane < K);
+#pragma unroll
+    for (int slot = 0; slot < kSlots; ++slot) {
+      bool ok;
+      const int idx = s_idx(c, slot, ok);
+      const uint32_t dst = base + kStageScales + slot * 256 + 4 * lane;
+      if (dq) {
+        const int word = idx & ~3;  // the code's aligned word; the array may end inside it
+        copy4(dst, a.codes + word, min(4, n_blocks - word));
+        copy4(dst + 128, a.absmax2 + (idx >> log2_nbs), ok ? 4 : 0);
+      } else {
+        copy4(dst + 128, a.absmax + idx, ok ? 4 : 0);
+      }
+    }
+  };
+
+  // Decode one chunk from its stage into out.
+  float out[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+  auto compute = [&](int c, int stage) {
+    const char* st = ring + stage * SB;
+    uint32_t w[2][4];
+    read_row<NBPC>(w[0], st, g, t);
+    read_row<NBPC>(w[1], st, g + 8, t);
+    // x in the order of this lane's weight words: k = 2·word_offset, so byte 4·word_offset of the stage's x
+    uint4 x[1][4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) x[0][q] = *reinterpret_cast<const uint4*>(st + kStageX + 4 * word_offset<NBPC>(q, t));
+    float s_mine[kSlots];
+#pragma unroll
+    for (int slot = 0; slot < kSlots; ++slot) {
+      const char* sc = st + kStageScales + slot * 256 + 4 * lane;
+      const float v = *reinterpret_cast<const float*>(sc + 128);
+      if (dq) {
+        bool ok;
+        const int idx = s_idx(c, slot, ok);
+        s_mine[slot] = dq_scale(map_s, *reinterpret_cast<const uint8_t*>(sc + (idx & 3)), v, offset);
+      } else {
+        s_mine[slot] = v;
+      }
+    }
+    chunk_mma<T, NBPC, 1>(out, w, x, s_mine, tbl, lane4, g);
+  };
+
+  // The first pair is requested before the table is built, so its latency overlaps the build.
+  if (c_begin < c_end) copy_chunk(c_begin, 0);
+  if (c_begin + 1 < c_end) copy_chunk(c_begin + 1, 1);
+  copy_commit();
+  build_table<T>(smem, a);
+  __syncthreads();
+
+  // Pairs of chunks in stages {0, 1} and {2, 3} by turns: pair c, c + 1 is decoded while c + 2, c + 3 (one commit
+  // group) is in flight, into the stages the previous pair was read from (every lane is past them: the __syncwarp).
+  int stage = 0, c = c_begin;
+  for (; c + 1 < c_end; c += 2) {
+    if (c + 2 < c_end) copy_chunk(c + 2, stage ^ 2);
+    if (c + 3 < c_end) copy_chunk(c + 3, (stage ^ 2) + 1);
+    copy_commit();  // possibly empty: the wait below still means "all but the newest group"
+    copy_wait<1>();
+    __syncwarp();
+    compute(c, stage);
+    compute(c + 1, stage + 1);
+    __syncwarp();
+    stage ^= 2;
+  }
+  if (c < c_end) {  // an odd count: the last chunk, requested with the previous pair
+    copy_wait<0>();
+    __syncwarp();
+    compute(c, stage);
+  }
+  reduce_store<T, 1>(smem, out, a, wr_count, 0);
+}
+
+}  // namespace gemv
+}  // namespace cuda
+}  // namespace minqlora
