@@ -3,7 +3,8 @@
 Rows, each at batch 1 and 8, all in one process on the same GPU:
 - minqlora NF4 + double quant, the decode step in a CUDA graph ("graph") and without one ("static": the same
   static-cache step launched kernel by kernel from Python), optionally through torch.compile (--compile);
-- minqlora NF4 + DQ with an unmerged LoRA adapter (r=16, all seven projections, float32 A/B as add_lora makes them);
+- minqlora NF4 + DQ with an unmerged LoRA adapter (r=16, all seven projections, float32 A/B as add_lora makes them)
+  through the fused branch (lora_fused.py), as the CLI runs adapters;
 - minqlora bf16 (16 GB), CUDA graph;
 - transformers `generate` with bitsandbytes NF4 + DQ Linear4bit layers (its default dynamic cache).
 
@@ -36,6 +37,7 @@ from minqlora.decode import Decoder
 from minqlora.generate import GenerationConfig, generate
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import DEFAULT_TARGETS, add_lora
+from minqlora.lora_fused import set_lora_path
 from minqlora.model import DecoderLayer, Llama, LlamaConfig
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -173,6 +175,7 @@ def main() -> None:
     for mode in modes:
         measure(f"minqlora NF4+DQ {mode}", lambda x, m=mode: minqlora_run(model, x, new, m))
     add_lora(model, r=16, alpha=32, dropout=0.0)
+    set_lora_path(model, "fused")  # what training and the CLI use: one x·Aᵀ per shared input, casts kept (lora_fused.py)
     measure(f"minqlora NF4+DQ + LoRA r=16 {fast}", lambda x: minqlora_run(model, x, new, fast))
     del model
     if not args.skip_bf16:

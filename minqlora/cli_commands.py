@@ -25,6 +25,7 @@ from .checkpoint import gguf_io, load_pretrained, save_pretrained
 from .data import has_own_chat_template, read_jsonl, record_shape, split_eval
 from .generate import GenerationConfig, stream_text
 from .lora import load_adapter, merge_lora, read_adapter_config
+from .lora_fused import set_lora_path
 from .sft import TrainConfig, run as run_finetune
 from .sft_state import check_output_dir
 from .tokenizer import Tokenizer
@@ -126,6 +127,9 @@ def load_model(args, quantize: str | None, dtype: torch.dtype | None = torch.bfl
     print(f"loaded {args.model} ({what}) on {device} in {time.perf_counter() - tick:.1f}s", file=sys.stderr)
     if getattr(args, "adapter", None):
         load_adapter(model, args.adapter)
+        # The fast branch (lora_fused.py): siblings share one x·Aᵀ, and without autograd the cast adapter weights are
+        # kept, which is what makes an unmerged adapter cheap in a decode step.
+        set_lora_path(model, "fused")
         print(f"loaded adapter {args.adapter}", file=sys.stderr)
     return model, device
 

@@ -350,6 +350,63 @@ def test_inference_mode():
         torch.testing.assert_close(model(IDS), ref(IDS), rtol=1e-5, atol=1e-5)
 
 
+class CountCasts(TorchDispatchMode):
+    """cat / cast ops that read one of `weights`: what a kept A / B saves."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.ptrs, self.calls = {w.data_ptr() for w in weights}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.cat, torch.ops.aten._to_copy):
+            ins = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+            self.calls += any(t.data_ptr() in self.ptrs for t in ins)
+        return func(*args, **(kwargs or {}))
+
+
+def test_casts_kept_without_autograd_and_renewed_on_change():
+    """bf16 activations, float32 adapters: without autograd the concatenated, cast A and each cast B are made once
+    and reused (no cat / cast on a second forward), give the logits of a fresh computation exactly, and are made
+    again after an in-place update of an adapter or a load of new parameters; with autograd on nothing is kept."""
+    model = tiny_llama().eval()
+    model.model.embed_tokens.bfloat16()  # bf16 hidden states; the adapters stay float32
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.base_layer.bfloat16()
+    model.lm_head.bfloat16()
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.bfloat16()
+    model.model.norm.bfloat16()
+    set_lora_path(model, "fused")
+    with torch.no_grad():
+        adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+        with CountCasts(adapters) as counter:
+            first = model(IDS)
+        # per layer: the cat of q/k/v's and of gate/up's A, the casts of o's and down's A, 7 casts of B (the casts of the
+        # concatenated A read no adapter itself)
+        assert counter.calls == 2 * (2 + 2 + 7)
+        with CountCasts(adapters) as counter:
+            again = model(IDS)
+        assert counter.calls == 0
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        q = model.model.layers[0].self_attn.q_proj
+        q.lora_B.weight.add_(1.0)  # in place: the kept B of q_proj is stale
+        changed = model(IDS)
+    fresh = copy.deepcopy(model)  # no kept casts: computes them anew
+    with torch.no_grad():
+        torch.testing.assert_close(changed, fresh(IDS), rtol=0, atol=0)
+    assert not torch.equal(changed, first)
+    q.lora_A.weight = nn.Parameter(q.lora_A.weight.detach() * 2)  # a new parameter object (load_adapter may do this)
+    with torch.no_grad():
+        swapped = model(IDS)
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped, fresh(IDS), rtol=0, atol=0)
+    model(IDS)  # autograd on: the kept copies go
+    assert q.group._cast is None
+
+
 def test_merged_member_is_left_out():
     model = tiny_llama().eval()
     ref = set_lora_path(copy.deepcopy(model), "reference")

@@ -1,0 +1,94 @@
+"""Where one decode step's time goes: the kernels of a Llama-3-8B-shaped NF4 + DQ decode step, from torch.profiler.
+
+bench_generate.py gives tokens/s; this says which kernels make up a token. It builds the same random-weight model
+(bench_generate.minqlora_model), prefills a 16-token prompt into a Decoder's static cache, then
+- times the captured step (CUDA-graph replay, CUDA events, median of --steps): the real per-token cost;
+- profiles --steps eager steps of the same static-cache step (the same kernels, launched one by one) and prints,
+  per kernel name, the calls and the GPU µs per step, largest first, and the sum against the graph's step time
+  (what is left is the gaps between kernels that a graph does not remove).
+
+    python3 benchmarks/profile_decode.py [--batch 1] [--steps 20] [--tiny]   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench_generate import LLAMA3_8B, PROMPT_LEN, TINY, minqlora_model
+from minqlora.decode import Decoder
+from minqlora.model import LlamaConfig
+from minqlora.sampling import GenerationConfig, last_logits
+
+
+def graph_step_us(decoder: Decoder, step, steps: int) -> float:
+    """Median µs of one replayed step, CUDA events around each replay."""
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
+    ap.add_argument("--steps", type=int, default=20, help="profiled and timed steps (default 20)")
+    ap.add_argument("--top", type=int, default=30, help="kernel names listed (default 30)")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer, 256-wide model instead of the 8B shape")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_decode.py needs a CUDA GPU")
+    dev = torch.device("cuda")
+    cfg = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+    model = minqlora_model(cfg, dev, quantize=True)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, PROMPT_LEN), device=dev)
+    config = GenerationConfig(max_new_tokens=2 * args.steps + 8)
+    max_len = PROMPT_LEN + 3 * args.steps + 16
+
+    with torch.inference_mode():
+        graphed = Decoder(model, args.batch, max_len, "graph")
+        replay = graphed._runner(config)
+        graphed._reset()
+        graphed._emit(last_logits(model, ids, None, graphed.cache), config)
+        for _ in range(3):
+            replay()
+        graph_us = graph_step_us(graphed, replay, args.steps)
+        del graphed, replay
+
+        eager = Decoder(model, args.batch, max_len, "static")
+        step = eager._runner(config)
+        eager._reset()
+        eager._emit(last_logits(model, ids, None, eager.cache), config)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+
+    per_name: dict[str, list[float]] = defaultdict(list)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[ev.name].append(ev.device_time)
+    rows = sorted(((sum(t) / args.steps, len(t) / args.steps, n) for n, t in per_name.items()), reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"batch {args.batch}, {cfg.num_hidden_layers} layers: graph replay {graph_us:.1f} us a step "
+          f"({1e6 / graph_us * args.batch:.1f} tok/s); kernels of the eager step sum to {total:.1f} us "
+          f"({total / graph_us:.0%} of the replay)")
+    print(f"{'us/step':>9} {'share':>6} {'calls':>6} {'us/call':>8}  kernel")
+    for us, calls, name in rows[:args.top]:
+        print(f"{us:9.1f} {us / total:6.1%} {calls:6.1f} {us / calls:8.2f}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
