@@ -13,9 +13,10 @@ it), TFLOP/s counted as 3 × shapes.flops_per_token (forward, recompute, grad-in
 
 minqlora configurations (CONFIGS): the checkpointing mode (none / selective / full), the last layers left
 uncheckpointed, the checkpointed layer inputs offloaded to host memory or not, the first layers parked in host
-memory (host_layers.py; the JSON records host_layers, host_prefetch and parked_gb) and the loss's chunk (0: full
-logits). "fast" is then the fastest configuration whose peak is at most transformers' peak, "lean" the one with the
-least peak memory; both are printed with ratios.
+memory, or every host_stride-th (host_layers.py; the JSON records host_layers, host_stride, host_prefetch and
+parked_gb), the input embedding's table in host memory (host_embedding.py) and the loss's chunk (0: full logits).
+"fast" is then the fastest configuration whose peak is at most transformers' peak, "lean" the one with the least
+peak memory; both are printed with ratios.
 Each model is freed before the next is built, so a peak counts one model. A configuration that runs out of memory
 is reported as OOM and the rest go on.
 
@@ -42,6 +43,7 @@ import torch
 import hf_baseline  # benchmarks/: the transformers + peft + bitsandbytes side
 from minqlora import fused
 from minqlora.data import Batch
+from minqlora.host_embedding import HostEmbedding, embed_on_device, embed_on_host
 from minqlora.host_layers import PREFETCH_LAYERS
 from minqlora.lora import add_lora
 from minqlora.lora_fused import set_lora_path
@@ -71,6 +73,8 @@ class StepConfig:
     recompute_inputs: bool = True  # grouped LoRA branches redo norm / SwiGLU outputs in backward (set_lora_path)
     host_layers: int = 0  # the first N layers keep their activations in pinned host memory (host_layers.py)
     host_prefetch: int = PREFETCH_LAYERS  # a parked layer i comes back when the backward of layer i + this starts
+    host_stride: int = 1  # the parked layers are 0, s, 2s, ... (1: the first host_layers)
+    embed_on_host: bool = False  # the frozen embedding's table in pinned host memory (host_embedding.py)
 
 
 CONFIGS = (
@@ -125,6 +129,21 @@ CONFIGS = (
     StepConfig("full+offload-host10", "full", True, 256, host_layers=10, host_prefetch=1),
     StepConfig("full+offload-host10-pf2", "full", True, 256, host_layers=10, host_prefetch=2),
     StepConfig("full+offload-host12", "full", True, 256, host_layers=12, host_prefetch=1),
+    # The same spaced out (host_stride): parked consecutively, the copies queue on the link and the GPU holds every
+    # layer still waiting for its copy (the peaks above). Every s-th layer gives each 17 ms copy s x ~6 ms of forward
+    # to run behind (s = 3: 18 ms, just enough), and with host_prefetch < s a parked layer's backward is over before
+    # the next one comes back: about one parked layer on the GPU at a time, each way. 8 at stride 4 and 10 at
+    # stride 3 span layers 0-28 and 0-27; 6 at stride 5 leaves more slack per copy; 11 at stride 3 parks the most
+    # that fit under 32 layers, with the smallest lead (one ~18 ms checkpointed layer's backward per copy back).
+    StepConfig("full+offload-host8-s4", "full", True, 256, host_layers=8, host_stride=4, host_prefetch=2),
+    StepConfig("full+offload-host10-s3", "full", True, 256, host_layers=10, host_stride=3, host_prefetch=2),
+    StepConfig("full+offload-host6-s5", "full", True, 256, host_layers=6, host_stride=5, host_prefetch=2),
+    StepConfig("full+offload-host11-s3-pf1", "full", True, 256, host_layers=11, host_stride=3, host_prefetch=1),
+    # The embedding's 128256 x 4096 bf16 table (1.05 GB at 8B) in host memory: the batch's rows gathered on the CPU
+    # and copied in (64 MiB at 4 x 2048) once per forward.
+    StepConfig("full+offload+host-embed", "full", True, 256, embed_on_host=True),
+    StepConfig("full+offload-host8-s4+host-embed", "full", True, 256, host_layers=8, host_stride=4, host_prefetch=2,
+               embed_on_host=True),
 )
 QUICK = ("none", "selective", "selective-keep4", "full", "full+offload", "full+offload+eager")
 
@@ -172,7 +191,9 @@ def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     model.model.offload_checkpoints = cfg.offload
     model.model.keep_last_layers = cfg.keep_last
     model.model.host_layers, model.model.host_prefetch = host_layers(cfg, len(model.model.layers)), cfg.host_prefetch
+    model.model.host_stride = cfg.host_stride
     model.model.host_layer_range()  # a bad configuration fails here, not as a step's error
+    place_embedding(model, cfg.embed_on_host, device)
     model.model.host_stats = None
     params = [p for p in model.parameters() if p.requires_grad]
     n = batch.num_label_tokens
@@ -204,9 +225,20 @@ def fresh(device: torch.device) -> None:
 
 def host_layers(cfg: StepConfig, n_layers: int) -> int:
     """cfg.host_layers, capped for models with fewer layers than the 8B shape's 32 (--tiny, --layers): the parked
-    layers and the last keep_last (with checkpointing) may not overlap."""
+    layers 0, s, 2s, ... must lie below the last keep_last (with checkpointing)."""
     keep = min(cfg.keep_last, n_layers) if cfg.checkpointing != "none" else 0
-    return min(cfg.host_layers, n_layers - keep)
+    return min(cfg.host_layers, -(-(n_layers - keep) // cfg.host_stride))  # ceil: layers 0, s, ... below n - keep
+
+
+def place_embedding(model, on_host: bool, device: torch.device) -> None:
+    """The one model serves every configuration: swap its embedding to the host or back to the device as cfg asks,
+    then start the peak again, so it counts the table only where it stays on the GPU (fresh)."""
+    if on_host != isinstance(model.model.embed_tokens, HostEmbedding):
+        if on_host:
+            embed_on_host(model)
+        else:
+            embed_on_device(model)
+        fresh(device)
 
 
 def parked_gb(model) -> float | None:
@@ -260,7 +292,8 @@ def run_shape(shape: str, config, batches, device, configs, sides, warmup, steps
                              "checkpointing": cfg.checkpointing, "offload": cfg.offload,
                              "loss_chunk": cfg.loss_chunk, "keep_last": cfg.keep_last,
                              "recompute_inputs": cfg.recompute_inputs, "host_layers": model.model.host_layers,
-                             "host_prefetch": cfg.host_prefetch, "parked_gb": parked_gb(model)})
+                             "host_stride": cfg.host_stride, "host_prefetch": cfg.host_prefetch,
+                             "embed_on_host": cfg.embed_on_host, "parked_gb": parked_gb(model)})
                 print(_line(rows[-1]), flush=True)
         del model
         fresh(device)
@@ -283,7 +316,7 @@ def run_shape(shape: str, config, batches, device, configs, sides, warmup, steps
 
 
 def _line(row: dict) -> str:
-    what = f"{row['side']:12s} {row['config']:24s} {row['batch']} x {row['seq_len']:<6d}"
+    what = f"{row['side']:12s} {row['config']:32s} {row['batch']} x {row['seq_len']:<6d}"
     if "oom" in row:
         return f"  {what} OOM"
     peak = f"{row['peak_gb']:6.2f} GB" if row["peak_gb"] is not None else "   - GB"
@@ -302,12 +335,12 @@ def summary(rows: list[dict]) -> list[str]:
         out.append(f"batch {b} x {t}:")
         for r in group:
             if "s" not in r:
-                out.append(f"  {r['side']:12s} {r['config']:24s}      OOM")
+                out.append(f"  {r['side']:12s} {r['config']:32s}      OOM")
                 continue
             ratio = (f"  {r['tok_s'] / hf['tok_s']:5.2f}x tok/s" if hf else "") + (
                 f"  {r['peak_gb'] / hf['peak_gb']:5.2f}x memory" if hf and r["peak_gb"] else "")
             peak = f"{r['peak_gb']:6.2f} GB" if r["peak_gb"] is not None else "     - GB"
-            out.append(f"  {r['side']:12s} {r['config']:24s} {r['tok_s']:9.1f} tok/s {peak} "
+            out.append(f"  {r['side']:12s} {r['config']:32s} {r['tok_s']:9.1f} tok/s {peak} "
                        f"{r['tflops']:6.1f} TFLOP/s{ratio}")
         if hf and ours and hf["peak_gb"] is not None:
             fits = [r for r in ours if r["peak_gb"] <= hf["peak_gb"]]

@@ -221,11 +221,19 @@ def _finetune_flags(p, d) -> None:
     opt.add_argument("--keep-last-layers", dest="keep_last_layers", type=non_negative_int,
                      default=d.keep_last_layers, help="with checkpointing, the last N layers are not recomputed")
     opt.add_argument("--host-layers", dest="host_layers", type=non_negative_int, default=d.host_layers,
-                     help="the first N layers are not recomputed and keep their activations in pinned host memory "
-                          "(copies overlap compute on CUDA; with checkpointing N + --keep-last-layers <= layers)")
+                     help="N layers (the first, or every --host-stride-th) are not recomputed and keep their "
+                          "activations in pinned host memory (copies overlap compute on CUDA; with checkpointing "
+                          "they may not reach into the last --keep-last-layers)")
     opt.add_argument("--host-prefetch", dest="host_prefetch", type=non_negative_int, default=d.host_prefetch,
                      help="a host layer comes back when the backward of the layer N after it starts (more: fewer "
                           "stalls; with checkpointing, N - 1 layers' activations more at the peak)")
+    opt.add_argument("--host-stride", dest="host_stride", type=positive_int, default=d.host_stride,
+                     help="park layers 0, N, 2N, ... instead of the first --host-layers in a row: each copy hides "
+                          "behind N layers' compute, so N >= 3 (with --host-prefetch below N) keeps about one parked "
+                          "layer on the GPU at a time")
+    opt.add_argument("--embed-on-host", dest="embed_on_host", action="store_true",
+                     help="keep the frozen input embedding in pinned host memory and copy in each batch's rows "
+                          "(1 GB less GPU memory at 8B; not for models whose lm_head shares it)")
     opt.add_argument("--loss-chunk", dest="loss_chunk", type=non_negative_int, default=d.loss_chunk,
                      help="tokens per piece of the fused output layer + loss (0: full logits at once)")
     book = _FlagGroup(p, "bookkeeping")

@@ -8,12 +8,18 @@ layer checkpointed and its input offloaded (about 41 % more time). PCIe moves ab
 layer's 0.72 GiB crosses in about 17 ms, against about 6 ms of forward and 12 ms of backward per layer: one link
 hides the copies of roughly 8-11 layers in a step, if each copy has other layers' compute to run behind.
 
-Which layers. The first `host_layers` of the network (LlamaModel: layers [0, host) parked, then the checkpointed
-ones, then the last keep_last_layers on the GPU; host_layer_range). Their copies out overlap the forward of every
-later layer, their copies back the backward of every later layer, and they come back at the end of the backward,
-when the other layers have freed their memory. Parked at the end of the network instead (the last layers before
-the loss), 12 layers' 204 ms of copies would meet 72 ms of forward after them and then be needed first in the
-backward: slower than recomputing them.
+Which layers. `host_layers` of them from the start of the network, every `host_stride`-th: layers 0, s, 2s, ...
+(LlamaModel.host_layers / host_stride; host_layer_range), the others checkpointed (or kept, without checkpointing),
+the last keep_last_layers on the GPU. Their copies out overlap the forward of every later layer, their copies back
+the backward of every later layer, and they come back at the end of the backward, when the other layers have freed
+their memory. Parked at the end of the network instead (the last layers before the loss), 12 layers' 204 ms of
+copies would meet 72 ms of forward after them and then be needed first in the backward: slower than recomputing
+them. Stride 1 parks a contiguous run: its copies queue on the one link, so the GPU holds the layers still
+waiting for theirs in the forward, and in the backward each layer brought back ahead adds to the recompute peak
+(full checkpointing + offload on the 8B shape at 4 x 2048, 7.46 GB alone: the first 10 layers parked peaked at
+8.21 GB with prefetch 1 and 11.61 GB with prefetch 2). With stride s each copy has s layers of forward to run
+behind (s >= COPY_LAYERS covers its ~17 ms at ~6 ms a layer), so about one parked layer is pending on the GPU at a
+time; in the backward, with host_prefetch < s, a parked layer's backward is done before the next one is fetched.
 
 The protocol on CUDA (one side stream per forward; `compute` is the stream the forward ran on, which autograd also
 runs each node's backward on):
@@ -24,10 +30,10 @@ runs each node's backward on):
           side stream, after side.wait_stream(compute). Autograd keeps a handle (the record, dtype, shape, strides,
           offset); the record keeps the GPU storage until its release.
   release After layer j's forward the parked layers are released in order: one whose copies are done (an event
-          recorded on the side stream after its last copy, polled) drops its GPU storages; one that is due (the
-          forward of layer COPY_LAYERS · (n + 1) for the n-th parked layer, or the forward's end) makes compute
-          wait for that event first. The wait puts the reuse of those blocks after the copies in stream order, so
-          the allocator may hand them out at once. (Dropping them on a polled event alone would not do: the host
+          recorded on the side stream after its last copy, polled) drops its GPU storages; one that is due (before
+          the forward of its due layer, release_layers, or at the forward's end) makes compute wait for that event
+          first. The wait puts the reuse of those blocks after the copies in stream order, so the allocator may
+          hand them out at once. (Dropping them on a polled event alone would not do: the host
           runs layers ahead of the GPU, so the events it polls are seldom done yet. Dropping them with
           record_stream(side) would lower torch's allocated count without freeing memory in time.)
   fetch   A hook on layer (i + prefetch)'s output fires when that layer's backward starts and brings layer i's
@@ -55,6 +61,7 @@ counts from the numbers above.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -67,9 +74,8 @@ from torch.distributed.fsdp import FSDPModule
 # bytes that matter are (B, T, H)-sized: 64 MiB at 4 × 2048 on the 8B shape, against 1 MiB for attention's
 # log-sum-exp (B, heads, T) and 128 KB for a bf16 cast of a LoRA A.
 MIN_PARK_BYTES = 1 << 20
-# The n-th parked layer's GPU copies are released at the latest before the forward of layer COPY_LAYERS · (n + 1):
-# its copy out takes about 17 ms (0.72 GiB at ~45 GB/s) against ~6 ms of forward per layer on the 8B shape at
-# 4 × 2048, so layers parked one after another free their memory every third layer without stalling the forward.
+# A parked layer's copy out takes about 17 ms (0.72 GiB at ~45 GB/s) against ~6 ms of forward per layer on the 8B
+# shape at 4 × 2048: about this many layers' forward (release_layers).
 COPY_LAYERS = 3
 # Layer i comes back when the backward of layer i + PREFETCH_LAYERS starts (LlamaModel.host_prefetch): 17 ms of
 # copy per layer against ~12 ms of backward, and the copies of consecutive parked layers queue on one link, so the
@@ -93,16 +99,33 @@ class HostStats:
     on_demand: int = 0  # bytes brought back at unpack (no prefetch had run, or a second unpack)
 
 
-def host_layer_range(n_layers: int, host_layers: int, keep_last: int = 0) -> range:
-    """The parked layers, [0, host_layers), checked: with checkpointing, the last keep_last layers stay on the GPU
-    and may not be parked too (pass keep_last=0 without checkpointing)."""
+def host_layer_range(n_layers: int, host_layers: int, keep_last: int = 0, stride: int = 1) -> range:
+    """The parked layers, 0, stride, 2 · stride, ... (host_layers of them), checked: they must be layers of the
+    model, and with checkpointing the last keep_last layers stay on the GPU and may not be parked too (pass
+    keep_last=0 without checkpointing)."""
     if not isinstance(host_layers, int) or isinstance(host_layers, bool) or host_layers < 0:
         raise ValueError(f"host_layers must be an int >= 0, got {host_layers!r}")
-    if host_layers and host_layers + min(keep_last, n_layers) > n_layers:
-        raise ValueError(f"host_layers={host_layers} with keep_last_layers={keep_last} asks for more than the model's "
-                         f"{n_layers} layers: the first host_layers layers are parked in host memory, the last "
-                         "keep_last_layers kept on the GPU, and no layer can be both")
-    return range(host_layers)
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"host_stride must be an int >= 1 (1: consecutive layers), got {stride!r}")
+    parked = range(0, host_layers * stride, stride)
+    if parked and parked[-1] + min(keep_last, n_layers) >= n_layers:
+        raise ValueError(f"host_layers={host_layers} with keep_last_layers={keep_last} and host_stride={stride} asks "
+                         f"for more than the model's {n_layers} layers: layers 0, {stride}, ... {parked[-1]} are "
+                         "parked in host memory, the last keep_last_layers kept on the GPU, and no layer can be both")
+    return parked
+
+
+def release_layers(layers) -> dict[int, int]:
+    """For each parked layer (ascending), the layer before whose forward its GPU copies are released at the latest.
+
+    Copies out queue on one link: the n-th parked layer, at layer L_n, starts copying when it is done and when the
+    one before it is, so due_n = max(due_{n-1}, L_n) + COPY_LAYERS. Consecutive layers (stride 1) free their memory
+    every COPY_LAYERS-th layer, 3 · (n + 1), without stalling the forward; with stride >= COPY_LAYERS each is due
+    COPY_LAYERS layers after itself."""
+    due, last = {}, -math.inf
+    for layer in layers:
+        last = due[layer] = max(last, layer) + COPY_LAYERS
+    return due
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -136,9 +159,11 @@ class HostParking:
     finish_forward() after the last."""
 
     def __init__(self, device: torch.device, layers: range, last_layer: int, prefetch: int = PREFETCH_LAYERS):
+        # layers: ascending (host_layer_range), not necessarily contiguous
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"host_prefetch must be an int >= 0 (layers of lead), got {prefetch!r}")
         self.device, self.layers, self.last, self.prefetch = torch.device(device), layers, last_layer, prefetch
+        self.due = release_layers(layers)  # parked layer -> the layer before whose forward it is released
         self.cuda = self.device.type == "cuda"
         self.compute = torch.cuda.current_stream(self.device) if self.cuda else None
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
@@ -223,7 +248,7 @@ class HostParking:
         while self.pending:
             i, done, records = self.pending[0]
             copied = done is None or done.query()  # CPU: copies were synchronous
-            due = final or next_layer >= COPY_LAYERS * (i - self.layers.start + 1)
+            due = final or next_layer >= self.due[i]
             if not (copied or due):
                 break  # later layers' copies queue behind this one's
             if not copied:

@@ -306,15 +306,17 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False  # or "full" / "selective" / "none" (checkpointing.py); True = "full"
         self.offload_checkpoints = False  # checkpointed layer inputs to pinned host memory (checkpointing.py)
         self.keep_last_layers = 0  # with checkpointing, the last N layers keep their activations (no recomputation)
-        self.host_layers = 0  # the first N layers keep their activations in pinned host memory (host_layers.py)
+        self.host_layers = 0  # N layers keep their activations in pinned host memory (host_layers.py): 0, s, 2s, ...
+        self.host_stride = 1  # s: 1 parks the first N layers, more spaces them out so their copies do not queue
         self.host_prefetch = PREFETCH_LAYERS  # a host layer i comes back when the backward of layer i + this starts
         self.host_stats = None  # host_layers.HostStats of the last forward that parked layers
 
     def host_layer_range(self) -> range:
-        """The layers a training forward parks in host memory, [0, host_layers); ValueError when host_layers is
-        negative or overlaps the last keep_last_layers (with checkpointing)."""
+        """The layers a training forward parks in host memory, 0, host_stride, ... (host_layers of them);
+        ValueError when host_layers is negative, host_stride < 1, or they run past the model's layers or into the
+        last keep_last_layers (with checkpointing)."""
         keep = self.keep_last_layers if checkpoint_mode(self.gradient_checkpointing) != "none" else 0
-        return host_layer_range(len(self.layers), self.host_layers, keep)
+        return host_layer_range(len(self.layers), self.host_layers, keep, self.host_stride)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None,
                 cache: KVCache | StaticKVCache | None = None):
@@ -343,7 +345,8 @@ class LlamaModel(nn.Module):
         training = self.training and cache is None and torch.is_grad_enabled()
         recompute = mode != "none" and training
         offloader = HostOffloader(x.device) if recompute and self.offload_checkpoints else None
-        # Layers [0, host) parked in host memory, [host, checkpointed) recomputed, the rest kept on the GPU.
+        # Layers in host (0, s, 2s, ...) parked in host memory; with checkpointing the others before `checkpointed`
+        # recomputed; the rest kept on the GPU.
         host = self.host_layer_range() if training else range(0)
         parking = HostParking(x.device, host, len(self.layers) - 1, self.host_prefetch) if host else None
         checkpointed = len(self.layers) - self.keep_last_layers

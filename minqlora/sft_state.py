@@ -43,9 +43,11 @@ ADAPTER_DIR = "adapter"  # the final adapter, beside (not above) checkpoints/
 # What a run writes; CONFIG_NAME and WEIGHTS_NAME are where runs before adapter/ put the final adapter.
 RUN_FILES = (CONFIG_FILE, METRICS_NAME, "checkpoints", PLOT_NAME, ADAPTER_DIR, CONFIG_NAME, WEIGHTS_NAME)
 # TrainConfig fields that may change between a run and its resumption: they do not change what is computed.
-# host_layers / host_prefetch move saved bytes to host memory and back unchanged (and runs written before it had no such field).
+# host_layers / host_stride / host_prefetch move saved bytes to host memory and back unchanged, embed_on_host gathers
+# the same embedding rows on the host (and runs written before them had no such fields).
 RESUMABLE_CHANGES = ("model", "data", "eval_data", "tokenizer", "output_dir", "device", "resume", "overwrite",
-                     "progress", "dist_backend", "dist_timeout", "host_layers", "host_prefetch")
+                     "progress", "dist_backend", "dist_timeout", "host_layers", "host_stride", "host_prefetch",
+                     "embed_on_host")
 
 
 def model_identity(model, path: str, world_size: int = 1) -> dict:

@@ -34,10 +34,11 @@ class StaticKVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int) -> StaticKVCache:
-        """A cache shaped for `model` (a Llama), in the dtype and on the device of its embeddings."""
-        cfg, embed = model.config, model.model.embed_tokens.weight
+        """A cache shaped for `model` (a Llama), in the dtype of its embeddings, on the device they are output to."""
+        cfg, emb = model.config, model.model.embed_tokens
+        device = getattr(emb, "device", emb.weight.device)  # a HostEmbedding's output device (its table is on the host)
         return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
-                   embed.dtype, embed.device)
+                   emb.weight.dtype, device)
 
     def reset(self) -> None:
         """Empty the cache in place (a captured graph keeps pointing at these same tensors)."""

@@ -1,6 +1,7 @@
 """host_layers.py on the CPU: layers whose saved tensors are parked in host memory compute the same loss and LoRA
 gradients, bit for bit, as keeping them (dropout on, every checkpointing mode, keep_last and offload combinations,
-the recipe, plain-input and reference LoRA paths, fused Functions); they park exactly the storages the layers save
+the recipe, plain-input and reference LoRA paths, fused Functions, strided sets); a strided set parks exactly
+layers 0, s, 2s, ... and each is released by its due layer's rule; they park exactly the storages the layers save
 less the weights and the shared cos/sin (counted against tests/saved_tensors.py) and, with the default threshold,
 only the large ones; every parked byte comes back through the prefetch hooks; the backward reads the host copies;
 views share one copy; second unpacks and retain_graph work; bad settings are refused.
@@ -15,7 +16,7 @@ from torch import nn
 
 from minqlora import host_layers
 from minqlora.cli_args import build_parser
-from minqlora.host_layers import HostParking, host_layer_range
+from minqlora.host_layers import COPY_LAYERS, HostParking, host_layer_range, release_layers
 from minqlora.lora import add_lora, lora_modules
 from minqlora.lora_fused import set_lora_path
 from minqlora.shapes import random_model, shape_config
@@ -95,6 +96,35 @@ def test_fused_functions_compute_the_same(park_everything, cpu_fusion):
 def test_every_prefetch_distance_brings_everything_back(park_everything, prefetch):
     # 9 > the 4 layers: everything comes back when the last layer's backward starts.
     check_same(lora_model(), 3, host_prefetch=prefetch)
+
+
+@pytest.mark.parametrize("mode,keep_last,offload,layers,host,stride", [
+    ("none", 0, False, 7, 3, 3), ("full", 0, False, 6, 2, 4), ("full", 1, True, 6, 3, 2), ("full", 0, True, 8, 2, 5),
+    ("selective", 1, False, 5, 2, 3)])
+def test_strided_layers_park_exactly_those_and_compute_the_same(park_everything, monkeypatch, mode, keep_last, offload,
+                                                              layers, host, stride):
+    run, parked = HostParking.run, []
+
+    def recording_run(self, i, *args):
+        parked.append(i)
+        return run(self, i, *args)
+
+    monkeypatch.setattr(HostParking, "run", recording_run)
+    model = lora_model(layers=layers)
+    stats = check_same(model, host, mode=mode, keep_last=keep_last, offload=offload, host_stride=stride,
+                       host_prefetch=stride - 1)
+    assert parked == list(range(0, host * stride, stride)) and stats.layers == host  # the layers between: not parked
+    assert model.model.host_layer_range() == range(0, host * stride, stride)
+
+
+def test_release_rule_follows_the_queue_of_copies():
+    # Consecutive layers: the n-th is due before layer COPY_LAYERS * (n + 1), the rule before host_stride.
+    assert release_layers(range(10)) == {n: COPY_LAYERS * (n + 1) for n in range(10)}
+    assert release_layers(range(0, 32, 4)) == {layer: layer + 3 for layer in range(0, 32, 4)}  # the link keeps up
+    assert release_layers(range(0, 30, 3)) == {layer: layer + 3 for layer in range(0, 30, 3)}
+    assert release_layers(range(0, 8, 2)) == {0: 3, 2: 6, 4: 9, 6: 12}  # stride 2 < 3: the copies still queue
+    assert release_layers(range(0)) == {}
+    assert HostParking(CPU, range(0, 12, 4), last_layer=11).due == {0: 3, 4: 7, 8: 11}
 
 
 def layer_inputs(model, ids):
@@ -224,6 +254,15 @@ def test_bad_settings_are_refused():
             host_layer_range(4, bad)
     with pytest.raises(ValueError, match="host_layers=3 with keep_last_layers=2 .* 4 layers"):
         host_layer_range(4, 3, 2)
+    assert host_layer_range(8, 3, 1, 3) == range(0, 9, 3) and host_layer_range(4, 2, 0, 3) == range(0, 6, 3)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="host_stride must be an int >= 1"):
+            host_layer_range(8, 2, 0, bad)
+    with pytest.raises(ValueError, match=r"host_layers=3 with keep_last_layers=2 and host_stride=3 .* 8 layers: "
+                                         r"layers 0, 3, \.\.\. 6 are parked"):
+        host_layer_range(8, 3, 2, 3)  # layer 6 is one of the last two
+    with pytest.raises(ValueError, match="host_layers=2 with keep_last_layers=0 and host_stride=4 .* 4 layers"):
+        host_layer_range(4, 2, 0, 4)  # layer 4 is not a layer of the model
     model = lora_model()
     ids = torch.randint(0, 512, (1, 8))
     for mode, keep, host in (("none", 0, 5), ("full", 3, 2), ("selective", 4, 1), ("none", 0, -1)):
@@ -232,7 +271,10 @@ def test_bad_settings_are_refused():
             model(ids)
     model.gradient_checkpointing, model.model.keep_last_layers, model.model.host_layers = "none", 3, 4
     assert model.model.host_layer_range() == range(4)  # keep_last means nothing without checkpointing
-    model.model.host_prefetch = -1
+    model.model.host_stride = 0
+    with pytest.raises(ValueError, match="host_stride"):
+        model(ids)
+    model.model.host_stride, model.model.host_prefetch = 1, -1
     with pytest.raises(ValueError, match="host_prefetch"):
         model(ids)
     for bad in (dict(host_layers=-1), dict(host_layers=2, parallel="fsdp2")):
@@ -247,3 +289,10 @@ def test_host_layers_flag():
     assert parser.parse_args([*base, "--host-layers", "3", "--keep-last-layers", "2"]).host_layers == 3
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--host-layers", "-1"])
+    assert parser.parse_args(base).host_stride == 1
+    assert parser.parse_args([*base, "--host-layers", "3", "--host-stride", "4"]).host_stride == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--host-stride", "0"])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="TrainConfig.host_stride must be an int >= 1"):
+            TrainConfig(host_stride=bad)

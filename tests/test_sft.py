@@ -251,6 +251,36 @@ def test_host_layers_train_the_same_adapter(tmp_path, tok, data_file, monkeypatc
         config(tmp_path / "3", data_file, host_layers=1, host_prefetch=-1)
 
 
+def test_host_stride_reaches_the_model(tmp_path, tok, data_file, monkeypatch):
+    monkeypatch.setattr(minqlora.host_layers, "MIN_PARK_BYTES", 0)
+    model = tiny_model(tok.vocab_size)  # 2 layers: stride 2 parks layer 0 alone, and a second parked layer is none
+    train(model, tok, config(tmp_path / "1", data_file, max_steps=1, gradient_checkpointing="full", host_layers=1,
+                             host_stride=2))
+    assert model.model.host_stride == 2 and model.model.host_stats.layers == 1
+    with pytest.raises(ValueError, match="host_layers=2 with keep_last_layers=0 and host_stride=2 .* 2 layers"):
+        train(tiny_model(tok.vocab_size), tok, config(tmp_path / "2", data_file, gradient_checkpointing="full",
+                                                      host_layers=2, host_stride=2))
+    with pytest.raises(ValueError, match="TrainConfig.host_stride must be an int >= 1"):
+        config(tmp_path / "3", data_file, host_layers=1, host_stride=0)
+
+
+def test_embed_on_host_trains_the_same_adapter(tmp_path, tok, data_file):
+    """The embedding's rows gathered from a host table are the same bytes: the same adapter and losses; a run may
+    resume with embed_on_host changed."""
+    runs = {}
+    for on_host in (False, True):
+        model = tiny_model(tok.vocab_size)
+        train(model, tok, config(tmp_path / str(on_host), data_file, max_steps=3, lora_dropout=0.1,
+                                 embed_on_host=on_host))
+        assert (type(model.model.embed_tokens).__name__ == "HostEmbedding") == on_host
+        out = tmp_path / str(on_host) / "run"
+        runs[on_host] = (out / "adapter" / "adapter_model.safetensors").read_bytes(), [
+            {k: v for k, v in r.items() if k not in TIMING} for r in metrics(out)]
+    assert runs[True] == runs[False]
+    train(tiny_model(tok.vocab_size), tok, config(tmp_path / "False", data_file, max_steps=3, lora_dropout=0.1,
+                                                  embed_on_host=True, resume=True))
+
+
 def test_output_dir_with_another_run_is_refused(tmp_path, tok, data_file):
     train(tiny_model(tok.vocab_size), tok, config(tmp_path, data_file, max_steps=1))
     with pytest.raises(FileExistsError, match=r"run holds another run \(train_config.json, metrics.jsonl, checkpoints"):
