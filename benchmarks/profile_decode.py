@@ -7,7 +7,7 @@ bench_generate.py gives tokens/s; this says which kernels make up a token. It bu
   per kernel name, the calls and the GPU µs per step, largest first, and the sum against the graph's step time
   (what is left is the gaps between kernels that a graph does not remove).
 
-    python3 benchmarks/profile_decode.py [--batch 1] [--steps 20] [--tiny]   # GPU
+    python3 benchmarks/profile_decode.py [--batch 1] [--steps 20] [--lora] [--tiny]   # GPU
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_generate import LLAMA3_8B, PROMPT_LEN, TINY, minqlora_model
 from minqlora.decode import Decoder
+from minqlora.lora import add_lora
+from minqlora.lora_fused import set_lora_path
 from minqlora.model import LlamaConfig
+from minqlora.proj_group import group_projections
 from minqlora.sampling import GenerationConfig, last_logits
 
 
@@ -44,18 +47,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="profiled and timed steps (default 20)")
     ap.add_argument("--top", type=int, default=30, help="kernel names listed (default 30)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer, 256-wide model instead of the 8B shape")
+    ap.add_argument("--no-group", action="store_true", help="undo the Decoder's projection groups (proj_group.py) "
+                    "before capture: q/k/v and gate/up as separate launches, for comparison")
+    ap.add_argument("--lora", action="store_true", help="with an unmerged r=16 adapter on all seven projections "
+                    "(the fused branch, as bench_generate.py)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA GPU")
     dev = torch.device("cuda")
     cfg = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
     model = minqlora_model(cfg, dev, quantize=True)
+    if args.lora:
+        add_lora(model, r=16, alpha=32, dropout=0.0)
+        set_lora_path(model, "fused")
     ids = torch.randint(0, cfg.vocab_size, (args.batch, PROMPT_LEN), device=dev)
     config = GenerationConfig(max_new_tokens=2 * args.steps + 8)
     max_len = PROMPT_LEN + 3 * args.steps + 16
 
     with torch.inference_mode():
         graphed = Decoder(model, args.batch, max_len, "graph")
+        if args.no_group:
+            group_projections(model, False)
         replay = graphed._runner(config)
         graphed._reset()
         graphed._emit(last_logits(model, ids, None, graphed.cache), config)
@@ -65,6 +77,8 @@ def main() -> None:
         del graphed, replay
 
         eager = Decoder(model, args.batch, max_len, "static")
+        if args.no_group:
+            group_projections(model, False)
         step = eager._runner(config)
         eager._reset()
         eager._emit(last_logits(model, ids, None, eager.cache), config)
@@ -82,7 +96,8 @@ def main() -> None:
             per_name[ev.name].append(ev.device_time)
     rows = sorted(((sum(t) / args.steps, len(t) / args.steps, n) for n, t in per_name.items()), reverse=True)
     total = sum(r[0] for r in rows)
-    print(f"batch {args.batch}, {cfg.num_hidden_layers} layers: graph replay {graph_us:.1f} us a step "
+    what = (", LoRA r=16" if args.lora else "") + (", projections ungrouped" if args.no_group else "")
+    print(f"batch {args.batch}, {cfg.num_hidden_layers} layers{what}: graph replay {graph_us:.1f} us a step "
           f"({1e6 / graph_us * args.batch:.1f} tok/s); kernels of the eager step sum to {total:.1f} us "
           f"({total / graph_us:.0%} of the replay)")
     print(f"{'us/step':>9} {'share':>6} {'calls':>6} {'us/call':>8}  kernel")

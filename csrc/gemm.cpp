@@ -60,7 +60,36 @@ at::Tensor gemm_4bit_grad_input_composite(const at::Tensor& grad_y, const at::Te
   return at::matmul(grad_y, w);
 }
 
+std::vector<at::Tensor> gemm_4bit_group_each(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                             const c10::List<c10::optional<at::Tensor>>& nested_absmax,
+                                             const c10::List<c10::optional<at::Tensor>>& nested_map,
+                                             c10::ArrayRef<double> nested_offset, int64_t blocksize,
+                                             int64_t nested_blocksize, c10::string_view quant_type,
+                                             c10::IntArrayRef out_features) {
+  const size_t n = packed.size();
+  TORCH_CHECK(n >= 1, "gemm_4bit_group needs at least one weight");
+  TORCH_CHECK(absmax.size() == n && nested_absmax.size() == n && nested_map.size() == n &&
+                  nested_offset.size() == n && out_features.size() == n,
+              "gemm_4bit_group: packed, absmax, nested_absmax, nested_map, nested_offset and out_features must have "
+              "one entry per weight (", n, "), got ", absmax.size(), ", ", nested_absmax.size(), ", ",
+              nested_map.size(), ", ", nested_offset.size(), ", ", out_features.size());
+  TORCH_CHECK(x.dim() >= 1, "gemm_4bit_group: x must have at least one dimension");
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("minqlora::gemm_4bit", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double,
+                                         int64_t, int64_t, c10::string_view, c10::SymIntArrayRef)>();
+  std::vector<at::Tensor> ys;
+  ys.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::vector<int64_t> shape{out_features[i], x.size(-1)};
+    ys.push_back(op.call(x, packed[i], absmax[i], nested_absmax.get(i), nested_map.get(i), nested_offset[i],
+                         blocksize, nested_blocksize, quant_type, c10::fromIntArrayRefSlow(shape)));
+  }
+  return ys;
+}
+
 TORCH_LIBRARY_IMPL(minqlora, CompositeExplicitAutograd, m) {
+  m.impl("gemm_4bit_group", &gemm_4bit_group_each);
   m.impl("gemm_4bit", &gemm_4bit_composite);
   m.impl("gemm_4bit_grad_input", &gemm_4bit_grad_input_composite);
 }

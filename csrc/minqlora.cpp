@@ -37,6 +37,12 @@ TORCH_LIBRARY(minqlora, m) {
   m.def("gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
         "float nested_offset, int blocksize, int nested_blocksize, str quant_type, SymInt[] shape, "
         "int rows_per_cta=0, int kernel=0) -> Tensor");
+  // gemm_4bit of one x against several weights (up to 3 on CUDA's fused path: q/k/v, gate/up), weight i of shape
+  // (out_features[i], K): one list entry per weight, blocksize / nested_blocksize / quant_type shared. Returns
+  // [gemm_4bit(x, W_i)]. On CUDA few rows run as one launch, each output bit for bit gemm_4bit's; elsewhere, and for
+  // many rows, one gemm_4bit per weight. Not differentiable (decoding and eval; proj_group.py calls it without grad).
+  m.def("gemm_4bit_group(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor?[] nested_absmax, Tensor?[] nested_map, "
+        "float[] nested_offset, int blocksize, int nested_blocksize, str quant_type, int[] out_features) -> Tensor[]");
   // grad_x = grad_y @ dequant(W): grad_y (..., N) -> (..., K). (Linear4bit backward; W gets no gradient)
   m.def("gemm_4bit_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
         "Tensor? nested_map, float nested_offset, int blocksize, int nested_blocksize, str quant_type, "

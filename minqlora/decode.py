@@ -15,6 +15,9 @@ Tokens past the point where every row has stopped are dropped, so the output equ
 over all max_len slots here, over the filled prefix there), so a near-tie between two tokens may break differently;
 a graph replay and the eager "static" step run the same kernels and agree exactly.
 
+A Decoder also gives the model's sibling 4-bit projections (q/k/v, gate/up) a proj_group.ProjectionGroup, so each
+set runs as one kernel launch at decode: the same outputs bit for bit, five launches a layer fewer.
+
 A Decoder owns buffers for one batch size and context length and keeps its captured graphs (one per sampling
 setup) across calls. A graph holds the model's tensors and control flow as they were at capture: in-place weight
 updates are seen, module swaps (add_lora, merge_lora, unmerge) are not — build a new Decoder after them. In
@@ -32,6 +35,7 @@ from collections.abc import Iterator
 import torch
 
 from minqlora.model import Llama
+from minqlora.proj_group import group_projections
 from minqlora.sampling import GenerationConfig, last_logits, next_token
 from minqlora.static_cache import StaticKVCache
 
@@ -61,7 +65,9 @@ class Decoder:
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
         self.model, self.batch_size, self.max_len = model, batch_size, max_len
-        self.device = model.model.embed_tokens.weight.device
+        group_projections(model)  # q/k/v and gate/up in one launch each (bit-identical; proj_group.py)
+        emb = model.model.embed_tokens  # a HostEmbedding (host_embedding.py) keeps its table on the host
+        self.device = getattr(emb, "device", emb.weight.device)
         self.mode = resolve_mode(mode, self.device)
         self.cache = StaticKVCache.for_model(model, batch_size, max_len)
         b, dev = batch_size, self.device

@@ -118,6 +118,9 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (..., in) -> (..., out). gemm_4bit decodes W to compute_dtype; autograd flows to x only.
+        group = self.__dict__.get("group")  # proj_group.py: siblings in one launch (decoding), set by its caller
+        if group is not None and (y := group.forward(self, x)) is not None:
+            return y
         # The op takes the bytes: a float-storage weight is viewed back as uint8 (a view, no copy).
         y = ops.gemm_4bit(x.to(self.compute_dtype), quant.packed_bytes(self.weight), self.quant_state)
         if self.bias is not None:

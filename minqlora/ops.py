@@ -58,6 +58,12 @@ def _(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, ne
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
+@torch.library.register_fake("minqlora::gemm_4bit_group")
+def _(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type,
+      out_features):
+    return [x.new_empty((*x.shape[:-1], n)) for n in out_features]
+
+
 @torch.library.register_fake("minqlora::gemm_4bit_grad_input")
 def _(grad_y, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize, quant_type,
       shape):
@@ -218,6 +224,29 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch
     if x.shape[-1] != state.shape[-1]:
         raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {state.shape[-1]}")
     return _ops.gemm_4bit(x, quant.packed_bytes(packed), *_state_args(state))
+
+
+def gemm_4bit_group(x: torch.Tensor, weights: list[tuple[torch.Tensor, QuantState]]) -> list[torch.Tensor]:
+    """[gemm_4bit(x, packed, state) for (packed, state) in weights], equal bit for bit, in one CUDA launch for few
+    rows (up to 16, two or three weights: csrc/cuda/gemv_ops.cpp); one gemm_4bit per weight otherwise. The weights
+    share in_features, blocksize, nested blocksize and quant_type. Not differentiable: for decoding and eval
+    (proj_group.py)."""
+    if not weights:
+        raise ValueError("gemm_4bit_group needs at least one (packed, state) weight")
+    first = weights[0][1]
+    for i, (_, st) in enumerate(weights):
+        if st.shape[-1] != x.shape[-1]:
+            raise ValueError(f"x has last dimension {x.shape[-1]} but weight {i} has in_features {st.shape[-1]}")
+        if (st.blocksize, st.nested_blocksize, st.quant_type) != (first.blocksize, first.nested_blocksize,
+                                                                  first.quant_type):
+            raise ValueError(f"gemm_4bit_group: weight {i} has blocksize {st.blocksize}, nested blocksize "
+                             f"{st.nested_blocksize}, {st.quant_type}; weight 0 has {first.blocksize}, "
+                             f"{first.nested_blocksize}, {first.quant_type}")
+    return _ops.gemm_4bit_group(
+        x, [quant.packed_bytes(p) for p, _ in weights], [st.absmax for _, st in weights],
+        [st.nested_absmax for _, st in weights], [st.nested_map for _, st in weights],
+        [float(st.nested_offset) for _, st in weights], first.blocksize, first.nested_blocksize, first.quant_type,
+        [int(st.shape[0]) for _, st in weights])
 
 
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per_cta: int = 0,

@@ -10,76 +10,129 @@ namespace minqlora {
 namespace cuda {
 namespace {
 
+using gemv::Args;
+using gemv::Launch;
 using gemv::kTableBytes;
 using gemv::kThreads;
 using gemv::kTileRows;
 using gemv::kWarps;
 
-// Row tiles per CTA: one while that still leaves fewer than ~4 CTAs per SM-slot wave (small N: spread over the SMs;
-// each warp's K split is 1/8 of K), more for tall weights so each warp walks a longer run of K and the table is
-// built once per more rows. Measured choice: benchmarks/README.md (gemv).
+// Row tiles per CTA: doubled while at least 1.5 CTAs per SM remain, so tall weights build the 64 KB table once per
+// more rows and each warp walks a longer run of K, while small N still spreads over every SM. H200, M=1, the same
+// run: 14336x4096 at 16 rows per CTA (896 CTAs) 20.6 us, at 64 (224 CTAs) 19.1; 4096x14336 at 16 (256 CTAs) 16.4,
+// at 32 (128 CTAs) 17.6. benchmarks/README.md (gemv).
 inline int row_tiles_per_cta(int tiles, int rows_per_cta) {
   if (rows_per_cta != 0) return rows_per_cta / kTileRows;
   int dev = 0, sms = 132;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   int wr = 1;
-  while (wr < kWarps && tiles / (2 * wr) >= 8 * sms) wr *= 2;
+  while (wr < kWarps && 2 * (tiles / (2 * wr)) >= 3 * sms) wr *= 2;
   return wr;
 }
 
-template <typename T, int NBPC, int NT>
-cudaError_t launch(const GemvArgs& a, int rows_per_cta, cudaStream_t stream) {
-  auto* kernel = gemv::gemv_4bit_kernel<T, NBPC, NT>;
+// The kernel arguments for `count` weights: each member's row tiles per CTA from its own N (so its CTAs do what its
+// own launch would), CTAs in member order; *ctas = the grid's x.
+Launch make_launch(const Args* w, int count, int rows_per_cta, int* ctas) {
+  Launch L{};
+  int total = 0;
+  for (int i = 0; i < count; ++i) {
+    const int tiles = (w[i].N + kTileRows - 1) / kTileRows;
+    L.w[i] = w[i];
+    L.wr[i] = row_tiles_per_cta(tiles, rows_per_cta);
+    L.cta_begin[i] = total;
+    total += (tiles + L.wr[i] - 1) / L.wr[i];
+  }
+  for (int i = count; i <= kMaxGroup; ++i) L.cta_begin[i] = total;
+  *ctas = total;
+  return L;
+}
+
+template <typename T, int NBPC, int NT, bool kGroup>
+cudaError_t launch(const Args* w, int count, int rows_per_cta, cudaStream_t stream) {
+  auto* kernel = gemv::gemv_4bit_kernel<T, NBPC, NT, kGroup>;
   // 66.5 KB of shared memory (the pair table), above the 48 KB default. The carveout stays the driver's choice: the
   // largest shared-memory carveout left L1 too small for x, read by every warp (4096x14336, M=1: 18.7 -> 32.5 us).
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTableBytes);
   if (attr != cudaSuccess) return attr;
-  const int tiles = (a.N + kTileRows - 1) / kTileRows;
-  const int wr = row_tiles_per_cta(tiles, rows_per_cta);
-  const dim3 grid((tiles + wr - 1) / wr, (a.M + 8 * NT - 1) / (8 * NT));
-  kernel<<<grid, kThreads, kTableBytes, stream>>>(a, wr);
+  int ctas = 0;
+  const Launch L = make_launch(w, count, rows_per_cta, &ctas);
+  if (ctas == 0) return cudaSuccess;
+  const dim3 grid(ctas, (w[0].M + 8 * NT - 1) / (8 * NT));
+  kernel<<<grid, kThreads, kTableBytes, stream>>>(L);
   return cudaGetLastError();
 }
 
-template <typename T, int NBPC>
-cudaError_t launch_stream(const GemvArgs& a, int rows_per_cta, cudaStream_t stream) {
-  auto* kernel = gemv::gemv_4bit_stream_kernel<T, NBPC>;
+template <typename T, int NBPC, bool kGroup>
+cudaError_t launch_stream(const Args* w, int count, int rows_per_cta, cudaStream_t stream) {
+  auto* kernel = gemv::gemv_4bit_stream_kernel<T, NBPC, kGroup>;
   constexpr int smem = gemv::stream_smem_bytes<NBPC>();  // 101-107 KB: two CTAs per SM
   static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
-  const int tiles = (a.N + kTileRows - 1) / kTileRows;
-  const int wr = row_tiles_per_cta(tiles, rows_per_cta);
-  kernel<<<(tiles + wr - 1) / wr, kThreads, smem, stream>>>(a, wr);
+  int ctas = 0;
+  const Launch L = make_launch(w, count, rows_per_cta, &ctas);
+  if (ctas == 0) return cudaSuccess;
+  kernel<<<ctas, kThreads, smem, stream>>>(L);
   return cudaGetLastError();
 }
 
+// One weight (count 1) or a group. A group runs in one launch up to 16 tokens; with more (the NT = 4 kernel, one CTA
+// per SM, where launches are not what costs) its members are launched one by one.
 template <typename T, int NBPC>
-cudaError_t launch_nt(const GemvArgs& a, int rows_per_cta, int kernel, cudaStream_t stream) {
+cudaError_t launch_nt(const Args* w, int count, int rows_per_cta, int kernel, cudaStream_t stream) {
+  const int M = w[0].M;
+  if (M > 16 && count > 1) {
+    for (int i = 0; i < count; ++i) {
+      const cudaError_t e = launch_nt<T, NBPC>(w + i, 1, rows_per_cta, kernel, stream);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  }
   // One token: the streaming kernel, unless asked for the register ring, the codes are not 4-byte aligned (its
   // 4-byte copies of them) or the blocksize is 32 (its stages would not fit two CTAs per SM).
-  const bool codes_aligned = a.codes == nullptr || reinterpret_cast<uintptr_t>(a.codes) % 4 == 0;
+  bool codes_aligned = true;
+  for (int i = 0; i < count; ++i)
+    codes_aligned = codes_aligned && (w[i].codes == nullptr || reinterpret_cast<uintptr_t>(w[i].codes) % 4 == 0);
   if constexpr (NBPC <= 2) {
-    if (a.M == 1 && kernel != kGemvRing && codes_aligned) return launch_stream<T, NBPC>(a, rows_per_cta, stream);
+    if (M == 1 && kernel != kGemvRing && codes_aligned) {
+      return count > 1 ? launch_stream<T, NBPC, true>(w, count, rows_per_cta, stream)
+                       : launch_stream<T, NBPC, false>(w, count, rows_per_cta, stream);
+    }
   }
-  if (a.M <= 8) return launch<T, NBPC, 1>(a, rows_per_cta, stream);
-  if (a.M <= 16) return launch<T, NBPC, 2>(a, rows_per_cta, stream);
-  return launch<T, NBPC, 4>(a, rows_per_cta, stream);  // M > 32: several token groups (grid.y)
+  if (M <= 8) {
+    return count > 1 ? launch<T, NBPC, 1, true>(w, count, rows_per_cta, stream)
+                     : launch<T, NBPC, 1, false>(w, count, rows_per_cta, stream);
+  }
+  if (M <= 16) {
+    return count > 1 ? launch<T, NBPC, 2, true>(w, count, rows_per_cta, stream)
+                     : launch<T, NBPC, 2, false>(w, count, rows_per_cta, stream);
+  }
+  return launch<T, NBPC, 4, false>(w, 1, rows_per_cta, stream);  // M > 32: several token groups (grid.y)
 }
 
 template <typename T>
-cudaError_t launch_bs(const GemvArgs& a, int rows_per_cta, int kernel, cudaStream_t stream) {
-  if (a.log2_bs == 5) return launch_nt<T, 4>(a, rows_per_cta, kernel, stream);  // blocksize 32: 4 blocks per chunk
-  if (a.log2_bs == 6) return launch_nt<T, 2>(a, rows_per_cta, kernel, stream);  // 64
-  return launch_nt<T, 1>(a, rows_per_cta, kernel, stream);                      // 128 .. 4096
+cudaError_t launch_bs(const Args* w, int count, int rows_per_cta, int kernel, cudaStream_t stream) {
+  const int log2_bs = w[0].log2_bs;
+  if (log2_bs == 5) return launch_nt<T, 4>(w, count, rows_per_cta, kernel, stream);  // blocksize 32: 4 per chunk
+  if (log2_bs == 6) return launch_nt<T, 2>(w, count, rows_per_cta, kernel, stream);  // 64
+  return launch_nt<T, 1>(w, count, rows_per_cta, kernel, stream);                    // 128 .. 4096
+}
+
+cudaError_t launch_any(Elem t, const Args* w, int count, int rows_per_cta, int kernel, cudaStream_t stream) {
+  return t == Elem::kBF16 ? launch_bs<__nv_bfloat16>(w, count, rows_per_cta, kernel, stream)
+                          : launch_bs<__half>(w, count, rows_per_cta, kernel, stream);
 }
 
 }  // namespace
 
 cudaError_t launch_gemv_4bit(Elem t, const GemvArgs& a, int rows_per_cta, int kernel, cudaStream_t stream) {
-  return t == Elem::kBF16 ? launch_bs<__nv_bfloat16>(a, rows_per_cta, kernel, stream)
-                          : launch_bs<__half>(a, rows_per_cta, kernel, stream);
+  return launch_any(t, &a, 1, rows_per_cta, kernel, stream);
+}
+
+cudaError_t launch_gemv_4bit_group(Elem t, const GemvGroup& group, int kernel, cudaStream_t stream) {
+  if (group.count < 1 || group.count > kMaxGroup) return cudaErrorInvalidValue;
+  return launch_any(t, group.w, group.count, 0, kernel, stream);
 }
 
 }  // namespace cuda

@@ -28,6 +28,32 @@ constexpr int kTableBytes = (kTableWords + 256) * 4;  // + the 256-entry double-
 
 using Args = GemvArgs;  // gemv_launch.h
 
+// What a kernel launch receives: one weight (kGroup false: w[0]) or a group (gemv_launch.h's GemvGroup), member i
+// computing row tiles of w[i] in CTAs [cta_begin[i], cta_begin[i + 1]) of grid.x with wr[i] row tiles per CTA.
+// Unused entries of cta_begin hold the grid's size, so no CTA selects them.
+struct Launch {
+  Args w[kMaxGroup];
+  int wr[kMaxGroup];
+  int cta_begin[kMaxGroup + 1];
+};
+
+// This CTA's member: its arguments, its CTA index within the member (bx) and its row tiles per CTA.
+template <bool kGroup>
+__device__ __forceinline__ Args member(const Launch& L, int& bx, int& wr_count) {
+  if constexpr (!kGroup) {
+    bx = blockIdx.x;
+    wr_count = L.wr[0];
+    return L.w[0];
+  } else {
+    const int b = blockIdx.x;
+    const int m = (b >= L.cta_begin[1]) + (b >= L.cta_begin[2]);  // kMaxGroup == 3
+    bx = b - (m == 0 ? 0 : m == 1 ? L.cta_begin[1] : L.cta_begin[2]);
+    wr_count = m == 0 ? L.wr[0] : m == 1 ? L.wr[1] : L.wr[2];
+    return m == 0 ? L.w[0] : m == 1 ? L.w[1] : L.w[2];
+  }
+}
+static_assert(kMaxGroup == 3, "member() selects among three");
+
 __constant__ float kGemvCodes[2][16] = {MQ_NF4_TABLE, MQ_FP4_TABLE};  // indexed by QuantType
 
 template <typename T>
@@ -147,7 +173,7 @@ __device__ __forceinline__ void chunk_mma(float (&out)[NT][4], const uint32_t (&
 // done: the first barrier), and the store of y: red[warp][nt][i][lane]. Warp w holds row tile w % wr_count.
 template <typename T, int NT>
 __device__ __forceinline__ void reduce_store(uint32_t* smem, const float (&out)[NT][4], const Args& a, int wr_count,
-                                             int m0) {
+                                             int m0, int bx) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, splits = kWarps / wr_count;
   __syncthreads();
   float* red = reinterpret_cast<float*>(smem);
@@ -163,7 +189,7 @@ __device__ __forceinline__ void reduce_store(uint32_t* smem, const float (&out)[
     float sum = 0.0f;
     for (int v = 0; v < splits; ++v) sum += red[(v * wr_count + tr) * kPerWarp + el];
     const int l = el & 31, i = (el >> 5) & 3, nt = el >> 7;
-    const int n = (blockIdx.x * wr_count + tr) * kTileRows + (l >> 2) + 8 * (i >> 1);
+    const int n = (bx * wr_count + tr) * kTileRows + (l >> 2) + 8 * (i >> 1);
     const int m = m0 + 8 * nt + 2 * (l & 3) + (i & 1);
     if (n < a.N && m < a.M) y[int64_t(m) * a.N + n] = from_float<T>(sum);
   }

@@ -100,8 +100,9 @@ struct Stage {
 template <int NT>
 constexpr int stages() { return NT == 1 ? 3 : 2; }
 
-// x (M, K) T, tokens m0 .. m0 + 8·NT of this CTA's token group; W rows 16·wr_count from blockIdx.x·16·wr_count.
-// Warp w computes row tile w % wr_count over the k split w / wr_count of 8 / wr_count.
+// x (M, K) T, tokens m0 .. m0 + 8·NT of this CTA's token group; W rows 16·wr_count from bx·16·wr_count (bx: the
+// CTA's index among its weight's, Launch). Warp w computes row tile w % wr_count over the k split w / wr_count of
+// 8 / wr_count.
 //
 // Version 7: the same tiles and decode as version 5, with a main loop that holds no bounds check and no index math.
 // Rows past N read row N - 1 and tokens past M read token M - 1 (valid memory; their outputs are dropped at the
@@ -109,9 +110,11 @@ constexpr int stages() { return NT == 1 ? 3 : 2; }
 // partial chunk (K % 128, whole blocks) on its own, checked, after the loop. Every address is a lane pointer set up
 // once and stepped by a constant per chunk. Version 5 spent ~238 instructions per warp and chunk (bf16, blocksize
 // 64, M = 1), ~70 of them decode and MMAs and most of the rest address math and predicates rebuilt every chunk.
-template <typename T, int NBPC, int NT>
-__global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(const Args a, const int wr_count) {
+template <typename T, int NBPC, int NT, bool kGroup>
+__global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(const Launch L) {
   extern __shared__ __align__(16) uint32_t smem[];
+  int bx, wr_count;
+  const Args a = member<kGroup>(L, bx, wr_count);
   build_table<T>(smem, a);
   __syncthreads();
   const float* map_s = reinterpret_cast<const float*>(smem + kTableWords);
@@ -127,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   const char* tbl = reinterpret_cast<const char*>(smem);
   const int K = a.K, N = a.N, M = a.M;
   const int wr = warp % wr_count, splits = kWarps / wr_count, ks = warp / wr_count;
-  const int tile = blockIdx.x * wr_count + wr;
+  const int tile = bx * wr_count + wr;
 
   // The chunks with all their blocks are split among the row tile's warps; a partial one (NBPC > 1 only: K is a
   // multiple of the blocksize) holds tail_blocks blocks and goes to the last warp.
@@ -225,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
     compute(true, full, ring[0]);
   }
 
-  reduce_store<T, NT>(smem, out, a, wr_count, m0);
+  reduce_store<T, NT>(smem, out, a, wr_count, m0, bx);
 }
 
 }  // namespace gemv

@@ -34,5 +34,17 @@ enum GemvKernel { kGemvAuto = 0, kGemvRing = 1, kGemvStream = 2 };
 // t is kBF16 or kF16. rows_per_cta: 16, 32, 64 or 128 output features per CTA, 0 = the launcher's choice.
 cudaError_t launch_gemv_4bit(Elem t, const GemvArgs& args, int rows_per_cta, int kernel, cudaStream_t stream);
 
+// Up to kMaxGroup weights against the same x in one launch: the projections that read one tensor (q/k/v of an
+// attention block, gate/up of an MLP) at decode, where each launch of a small weight is mostly fixed cost (1024x4096:
+// 2 MB, ~0.5 us of HBM, ~5 us a launch). Each member owns its own run of CTAs with the CTA shape its own launch
+// would get, so its y is bit for bit what launch_gemv_4bit writes. x, M, K, the blocksizes and dtype come from w[0]
+// and must be the same in every member (the caller checks); the weights, scales, y and N are each member's.
+constexpr int kMaxGroup = 3;
+struct GemvGroup {
+  GemvArgs w[kMaxGroup];
+  int count;  // 1 .. kMaxGroup
+};
+cudaError_t launch_gemv_4bit_group(Elem t, const GemvGroup& group, int kernel, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace minqlora

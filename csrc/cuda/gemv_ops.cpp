@@ -108,9 +108,70 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
                              nested_blocksize, quant_type, shape);
 }
 
+// Few rows against up to kMaxGroup weights that all take the fused kernel: one launch, each y what gemm_4bit_cuda
+// would write (the kernel gives each member the CTA shape of its own launch). Anything else: one gemm_4bit each.
+std::vector<at::Tensor> gemm_4bit_group_cuda(const at::Tensor& x_in, at::TensorList packed, at::TensorList absmax,
+                                             const c10::List<c10::optional<at::Tensor>>& nested_absmax,
+                                             const c10::List<c10::optional<at::Tensor>>& nested_map,
+                                             c10::ArrayRef<double> nested_offset, int64_t blocksize,
+                                             int64_t nested_blocksize, c10::string_view quant_type,
+                                             c10::IntArrayRef out_features) {
+  const size_t n = packed.size();
+  const int64_t K = x_in.dim() >= 1 ? x_in.size(-1) : 0;
+  bool fused = n >= 2 && n <= static_cast<size_t>(cuda::kMaxGroup) && absmax.size() == n &&
+               nested_absmax.size() == n && nested_map.size() == n && nested_offset.size() == n &&
+               out_features.size() == n && K > 0 && x_in.numel() / K <= 16 && x_in.numel() / K <= fused_max_rows();
+  for (size_t i = 0; fused && i < n; ++i) {
+    const std::vector<int64_t> shape{out_features[i], K};
+    fused = fused_applies(x_in, blocksize, shape) && packed[i].device() == x_in.device();
+  }
+  if (!fused) {
+    return gemm_4bit_group_each(x_in, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize,
+                                nested_blocksize, quant_type, out_features);
+  }
+  check_cuda(x_in, "x");
+  const QuantType qt = parse_quant_type(std::string(quant_type));
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t M = x_in.numel() / K;
+  const at::Tensor x = aligned(x_in.reshape({M, K}), 16);
+  cuda::GemvGroup group{};
+  group.count = static_cast<int>(n);
+  std::vector<at::Tensor> ys, keep;  // keep: aligned copies of packed, alive until the launch is queued
+  for (size_t i = 0; i < n; ++i) {
+    const std::vector<int64_t> shape{out_features[i], K};
+    const c10::optional<at::Tensor> nested = nested_absmax.get(i), map = nested_map.get(i);
+    check_4bit_args(packed[i], absmax[i], nested, map, blocksize, nested_blocksize, shape);
+    check_same_device(x_in, absmax[i], "x", "absmax");
+    std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+    out_shape.back() = out_features[i];
+    ys.push_back(at::empty(out_shape, x_in.options()));
+    keep.push_back(aligned(packed[i], 16));
+    cuda::GemvArgs& a = group.w[i];
+    a.packed = keep.back().data_ptr<uint8_t>();
+    a.absmax = nested ? nullptr : absmax[i].data_ptr<float>();
+    a.codes = nested ? absmax[i].data_ptr<uint8_t>() : nullptr;
+    a.absmax2 = nested ? nested->data_ptr<float>() : nullptr;
+    a.map = nested ? map->data_ptr<float>() : nullptr;
+    a.offset = static_cast<float>(nested_offset[i]);
+    a.x = x.data_ptr();
+    a.y = ys.back().data_ptr();
+    a.M = static_cast<int>(M);
+    a.N = static_cast<int>(out_features[i]);
+    a.K = static_cast<int>(K);
+    a.log2_bs = log2_int(blocksize);
+    a.log2_nested_bs = nested ? log2_int(nested_blocksize) : 0;
+    a.quant_type = qt;
+  }
+  if (M == 0) return ys;
+  C10_CUDA_CHECK(cuda::launch_gemv_4bit_group(elem_of(x.scalar_type()), group, cuda::kGemvAuto,
+                                              c10::cuda::getCurrentCUDAStream()));
+  return ys;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minqlora, CUDA, m) {
+  m.impl("gemm_4bit_group", &gemm_4bit_group_cuda);
   m.impl("gemm_4bit", &gemm_4bit_cuda);
   m.impl("gemv_4bit", &gemv_4bit_cuda);
 }

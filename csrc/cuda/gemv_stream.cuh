@@ -79,12 +79,14 @@ __device__ __forceinline__ void read_row(uint32_t (&w)[4], const char* stage, in
   }
 }
 
-// x (1, K) T; W rows 16·wr_count from blockIdx.x·16·wr_count; warp w computes row tile w % wr_count over the
+// x (1, K) T; W rows 16·wr_count from bx·16·wr_count (bx: the CTA's index among its weight's); warp w computes row tile w % wr_count over the
 // chunks split w / wr_count of 8 / wr_count (the partial last chunk included: its missing blocks arrive as zero x
 // and zero scales, so they add exactly 0). Needs a.codes 4-byte aligned (the launcher checks).
-template <typename T, int NBPC>
-__global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Args a, const int wr_count) {
+template <typename T, int NBPC, bool kGroup>
+__global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Launch L) {
   extern __shared__ __align__(16) uint32_t smem[];
+  int bx, wr_count;
+  const Args a = member<kGroup>(L, bx, wr_count);
   static_assert(NBPC <= 2, "blocksize 32 takes the register ring");
   constexpr int S = kStreamStages, SB = stage_bytes<NBPC>(), kSlots = stream_slots<NBPC>();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Arg
   const uint32_t lane4 = 4u * lane;
   const int K = a.K, N = a.N;
   const int wr = warp % wr_count, splits = kWarps / wr_count, ks = warp / wr_count;
-  const int tile = blockIdx.x * wr_count + wr;
+  const int tile = bx * wr_count + wr;
   const int chunks = (K + kChunk - 1) / kChunk;
   const int c_begin = ks * chunks / splits, c_end = (ks + 1) * chunks / splits;
 
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Arg
     __syncwarp();
     compute(c, stage);
   }
-  reduce_store<T, 1>(smem, out, a, wr_count, 0);
+  reduce_store<T, 1>(smem, out, a, wr_count, 0, bx);
 }
 
 }  // namespace gemv

@@ -217,3 +217,78 @@ def test_cuda_graph_replay():
     graph.replay()
     torch.testing.assert_close(out, mq.gemm_4bit(x, packed, state), rtol=0, atol=0)
     assert not torch.equal(out, want)
+
+
+# -- gemm_4bit_group: sibling weights in one launch --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("count", [2, 3])
+def test_group_equals_gemm_4bit_bit_for_bit(dtype, blocksize, count):
+    """Each output of one grouped launch equals its own gemm_4bit exactly (same CTA shape per member), for every
+    kernel the group runs (M = 1 streaming, up to 16 the ring) and past 16 rows (one launch per member), with
+    members of different N (odd, a partial tile; one much taller so the CTA shapes differ), one with float32 absmax
+    among double-quantized ones, and zero rows."""
+    ns = [37, 16, 2000][:count]
+    k = blocksize * 5
+    weights = [make(n, k, blocksize, "nf4", i != 1, seed=10 + i, dtype=dtype) for i, n in enumerate(ns)]
+    for m in (0, 1, 2, 7, 8, 9, 16, 17, 33):
+        x = rand_x(m, k, dtype, seed=m)
+        got = ops.gemm_4bit_group(x, weights)
+        assert len(got) == count
+        for (packed, state), y in zip(weights, got):
+            torch.testing.assert_close(y, mq.gemm_4bit(x, packed, state), rtol=0, atol=0)
+        if m:
+            check(got[-1], x, *weights[-1], f"group m={m}")
+
+
+def test_group_leading_dims_and_errors():
+    weights = [make(64, 128, 64, "nf4", True, seed=i) for i in range(2)]
+    x = rand_x(3, 128, torch.bfloat16, seed=0).reshape(1, 3, 128)
+    for (packed, state), y in zip(weights, ops.gemm_4bit_group(x, weights)):
+        assert y.shape == (1, 3, 64)
+        torch.testing.assert_close(y, mq.gemm_4bit(x, packed, state), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="in_features"):
+        ops.gemm_4bit_group(x, [weights[0], make(64, 256, 64, "nf4", True, seed=5)])
+    with pytest.raises(ValueError, match="blocksize"):
+        ops.gemm_4bit_group(x, [weights[0], make(64, 128, 128, "nf4", True, seed=5)])
+    with pytest.raises(ValueError, match="at least one"):
+        ops.gemm_4bit_group(x, [])
+
+
+def test_projection_groups_in_a_decode_step():
+    """group_projections on a bf16 NF4 Llama: under no_grad one launch per sibling set (the kernel count drops by
+    three a layer), logits bit for bit the ungrouped model's; with autograd on or on many rows it stays out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from minqlora.model import Llama, LlamaConfig
+    from minqlora.proj_group import group_projections
+    from test_lora import quantize_projections
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = quantize_projections(Llama(cfg).to(torch.bfloat16), compute_dtype=torch.bfloat16).to(DEV).eval()
+    ids = torch.randint(0, 128, (1, 1), device=DEV)
+
+    def run():
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = model(ids)
+            torch.cuda.synchronize()
+        gemv = sum(1 for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and "gemv_4bit" in e.name)
+        return out, gemv
+
+    plain, plain_launches = run()
+    group_projections(model)
+    grouped, grouped_launches = run()
+    torch.testing.assert_close(grouped, plain, rtol=0, atol=0)
+    assert plain_launches == 7 * 2 and grouped_launches == 4 * 2, (plain_launches, grouped_launches)
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 1, 256, device=DEV, dtype=torch.bfloat16)
+    assert q.group.applies(x)
+    assert not q.group.applies(x.expand(1, 17, 256))  # more than GROUP_MAX_ROWS rows
+    with torch.enable_grad():
+        assert not q.group.applies(x)
+    group_projections(model, False)
+    assert q.group is None
