@@ -144,6 +144,17 @@ CONFIGS = (
     StepConfig("full+offload+host-embed", "full", True, 256, embed_on_host=True),
     StepConfig("full+offload-host8-s4+host-embed", "full", True, 256, host_layers=8, host_stride=4, host_prefetch=2,
                embed_on_host=True),
+    StepConfig("full+offload-host6-s5+host-embed", "full", True, 256, host_layers=6, host_stride=5, host_prefetch=2,
+               embed_on_host=True),
+    StepConfig("full+offload-host10-s3+host-embed", "full", True, 256, host_layers=10, host_stride=3,
+               host_prefetch=2, embed_on_host=True),
+    StepConfig("full+offload-host8-s4-pf1+host-embed", "full", True, 256, host_layers=8, host_stride=4,
+               host_prefetch=1, embed_on_host=True),
+    # 2 x 1024 (0.19 GB a layer): more parked layers to come under transformers' ~12.6 GB without checkpointing.
+    StepConfig("none-host16-pf4", "none", False, 1024, host_layers=16, host_prefetch=4),
+    StepConfig("none-host20-pf4", "none", False, 1024, host_layers=20, host_prefetch=4),
+    StepConfig("none-host16-pf4+host-embed", "none", False, 1024, host_layers=16, host_prefetch=4, embed_on_host=True),
+    StepConfig("full-keep26", "full", False, 1024, keep_last=26),
 )
 QUICK = ("none", "selective", "selective-keep4", "full", "full+offload", "full+offload+eager")
 

@@ -175,6 +175,11 @@ class LoRAGroup:
         kept = self._cast[4].get(id(member)) if self._cast is not None and not torch.is_grad_enabled() else None
         b = kept if kept is not None and kept.dtype == h.dtype else member.lora_B.weight.to(h.dtype)  # (out, r)
         y2 = y.reshape(-1, member.out_features).to(h.dtype)  # (N, out)
+        if not torch.is_grad_enabled() and y2.data_ptr() == y.data_ptr() and y2.dtype == y.dtype:
+            # Decoding / eval: y is the base's fresh output and no graph needs it, so add in place. Out of place,
+            # cuBLAS first copies y into the result: 7 device-to-device copies per decoder layer, ~0.9 µs each at
+            # batch 1 (H200, 8B shape: 203 µs of a 5.3 ms token).
+            return y2.addmm_(h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)
         out = torch.addmm(y2, h, b.t(), alpha=member.scaling * keep_scale)  # y + s/(1-p) · h Bᵀ
         return out.view(y.shape).to(y.dtype)
 

@@ -162,7 +162,7 @@ class CountMatmuls(TorchDispatchMode):
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
             self.calls.append((func.overloadpacket.__name__, tuple(args[-2].shape), tuple(args[-1].shape)))
         return func(*args, **(kwargs or {}))
 
@@ -179,7 +179,7 @@ def test_one_down_projection_per_distinct_input(path, training):
     # Σr = 12 (q/k/v), 8 (gate/up), 4 (o, down); no base layer of this model has 4, 8 or 12 outputs.
     down = sorted(b for op, a, b in counter.calls if op == "mm" and b[1] in (4, 8, 12))
     assert down == sorted([(32, 12), (32, 8), (32, 4), (48, 4)] * 2)  # 2 decoder layers
-    assert sum(op == "addmm" and a[1] == 4 for op, a, b in counter.calls) == 7 * 2
+    assert sum(op in ("addmm", "addmm_") and a[1] == 4 for op, a, b in counter.calls) == 7 * 2  # in place: no grad
 
 
 def masked_inputs(path, p, seed):

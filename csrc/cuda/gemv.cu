@@ -17,17 +17,18 @@ using gemv::kThreads;
 using gemv::kTileRows;
 using gemv::kWarps;
 
-// Row tiles per CTA: doubled while at least 1.5 CTAs per SM remain, so tall weights build the 64 KB table once per
-// more rows and each warp walks a longer run of K, while small N still spreads over every SM. H200, M=1, the same
-// run: 14336x4096 at 16 rows per CTA (896 CTAs) 20.6 us, at 64 (224 CTAs) 19.1; 4096x14336 at 16 (256 CTAs) 16.4,
-// at 32 (128 CTAs) 17.6. benchmarks/README.md (gemv).
-inline int row_tiles_per_cta(int tiles, int rows_per_cta) {
+// Row tiles per CTA: doubled while each warp's run of K stays under 16 chunks (K / 128 chunks split over the
+// 8 / wr_count warps of a row tile) and at least 1.5 CTAs per SM remain. H200, M=1, one run: 14336x4096 (32 chunks)
+// at 16 rows per CTA 20.6 us, at 64 19.1; 28672x8192 (64 chunks) at 32 69.3, at 128 78.8; 8192x28672 and
+// 4096x14336 best at 16 (60.2 / 16.4 us; 32 rows 63.8 / 17.6). benchmarks/README.md (gemv).
+inline int row_tiles_per_cta(int tiles, int K, int rows_per_cta) {
   if (rows_per_cta != 0) return rows_per_cta / kTileRows;
   int dev = 0, sms = 132;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int chunks = (K + gemv::kChunk - 1) / gemv::kChunk;
   int wr = 1;
-  while (wr < kWarps && 2 * (tiles / (2 * wr)) >= 3 * sms) wr *= 2;
+  while (2 * wr <= kWarps && chunks * 2 * wr <= 16 * kWarps && 2 * (tiles / (2 * wr)) >= 3 * sms) wr *= 2;
   return wr;
 }
 
@@ -39,7 +40,7 @@ Launch make_launch(const Args* w, int count, int rows_per_cta, int* ctas) {
   for (int i = 0; i < count; ++i) {
     const int tiles = (w[i].N + kTileRows - 1) / kTileRows;
     L.w[i] = w[i];
-    L.wr[i] = row_tiles_per_cta(tiles, rows_per_cta);
+    L.wr[i] = row_tiles_per_cta(tiles, w[i].K, rows_per_cta);
     L.cta_begin[i] = total;
     total += (tiles + L.wr[i] - 1) / L.wr[i];
   }
