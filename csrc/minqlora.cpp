@@ -62,6 +62,12 @@ TORCH_LIBRARY(minqlora, m) {
   // with P(drop) = p[c] (p of length 1 or copies); dropout.dropout_sum_ref: sum_c g[c] * keep_c, its gradient.
   m.def("dropout_copies(Tensor x, int seed, float[] p, int copies) -> Tensor");
   m.def("dropout_sum(Tensor g, int seed, float[] p) -> Tensor");
+  // ---- LoRA at decode (lora_fused.py with autograd off; csrc/lora_decode.cpp, csrc/cuda/lora_decode_ops.cpp) ----
+  // lora_fused.LoRAGroup._down's h = x2 @ a.t(): x (..., K), a (R, K) of x's dtype -> h (..., R) in x's dtype.
+  m.def("lora_down(Tensor x, Tensor a) -> Tensor");
+  // LoRAGroup.forward's y2.addmm_(h_i, b_i.t(), alpha=s_i) for every member i, in place: ys[i] (M, N_i) +=
+  // scales[i] * h[:, offsets[i] : offsets[i] + r_i] @ bs[i].t(), h (M, R), bs[i] (N_i, r_i). Not differentiable.
+  m.def("lora_up_add_(Tensor(a!)[] ys, Tensor h, Tensor[] bs, float[] scales, int[] offsets) -> ()");
 
   // ---- optimizer and paging (optim.py) ----
   // optim.adamw_step_ref: one fused AdamW step with float32 m, v; p (f32/f16/bf16), m, v updated in place.

@@ -26,6 +26,14 @@ set_lora_path(model, "reference") sends them back. What changes, and why:
   checkpointing saved 139.6 KB a token for its backward and saves 94.6 KB (q/k/v's and gate/up's norm outputs, 4,096
   values a token each, and down_proj's 14,336-wide input no longer kept twice); set_lora_path(...,
   recompute_inputs=False) keeps x as before.
+- Decoding (opt-in while unmeasured: DECODE_KERNELS; autograd off, no dropout, up to DECODE_MAX_ROWS rows of
+  bf16/fp16 on CUDA; decode_kernels_apply): the
+  group's x·Aᵀ is one ops.lora_down launch and each member's h·Bᵀ is added into its base output by one
+  ops.lora_up_add_ launch (csrc/cuda/lora_decode.cu), in place of a cuBLAS split-K GEMM with its reduction kernel
+  (4.3 + 1.5 µs a call on the H200) and a cuBLAS addmm (2.6 µs): decoding the Llama-3-8B shape in a CUDA graph with
+  r=16 on all seven projections, those took 741 + 591 µs of a 5,025 µs token (3,475 µs merged). The up-projection
+  stays one launch per member: model.py calls q_proj, k_proj and v_proj one after another, and each member's base
+  output exists only once it is called.
 
 Dropout modes. "fused" keeps peft's math: each layer draws its own mask, so with dropout on the group's
 down-projections are separate matmuls over separately dropped inputs (one mask draw for the group); with dropout 0 or
@@ -46,12 +54,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import dropout, recompute
+from . import dropout, ops, recompute
 from .lora import LoRALinear, lora_modules
 
 LORA_PATHS = ("fused", "shared-dropout", "reference")
 # Projections of one block that always read the same input tensor (model.py: Attention and MLP call them on x).
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Rows of x up to which decoding runs the few-row kernels (csrc/cuda/lora_decode_launch.h: kLoraMaxRows).
+DECODE_MAX_ROWS = 16
+# The decode kernels are opt-in (set lora_fused.DECODE_KERNELS = True) until tests/cuda/test_lora_cuda.py has run
+# them on a GPU and benchmarks/profile_decode.py --lora has measured them: they were written and checked on the CPU
+# (their ATen forms, bit for bit) in a session whose GPU time ran out.
+DECODE_KERNELS = False
 
 
 class _DroppedDown(torch.autograd.Function):
@@ -102,6 +116,17 @@ class _DroppedDown(torch.autograd.Function):
         return grad_x, grad_a, None, None, None, None, None
 
 
+def decode_kernels_apply(x2: torch.Tensor, ps: Sequence[float]) -> bool:
+    """Whether a group's branch runs the few-row decode kernels (ops.lora_down, ops.lora_up_add_): autograd off, not
+    under torch.compile (inductor schedules the matmuls itself, as for proj_group.py), no dropout in effect (eval
+    mode or p = 0), and x2 (N, in) on CUDA in bf16/fp16 with N <= DECODE_MAX_ROWS and in a multiple of 8 (the
+    kernels' 16-byte loads), and only while DECODE_KERNELS is on. Anywhere else the branch runs cuBLAS / ATen
+    matmuls as before."""
+    return (DECODE_KERNELS and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x2.is_cuda
+            and x2.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= DECODE_MAX_ROWS
+            and x2.shape[-1] % 8 == 0 and not any(ps))
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the branch computes in: autocast's when autocast is on for x's device, else x's own."""
     if torch.is_autocast_enabled(x.device.type):
@@ -134,11 +159,13 @@ class LoRAGroup:
         self._x, self._version, self._grad = None, -1, False
         self._h: dict[int, tuple[torch.Tensor, float]] = {}  # id(member) -> (h (N, r), dropout scale), not yet taken
         self._cast = None  # (dtype, params, versions, A (Σr, in), {id(member): B}): kept while autograd is off
+        # decode kernels (decode_kernels_apply): (h (N, Σr) of the group, {id(member): its first column of h})
+        self._decode: tuple[torch.Tensor, dict[int, int]] | None = None
 
     def __getstate__(self) -> dict:
         # Copies (copy.deepcopy of a model) carry the members, never a half-taken h (its tensors belong to a graph)
         # nor the cast weights (they would be the original's, not the copy's).
-        return {**self.__dict__, "_x": None, "_h": {}, "_cast": None}
+        return {**self.__dict__, "_x": None, "_h": {}, "_cast": None, "_decode": None}
 
     def _weights(self, live: list[LoRALinear], dtype: torch.dtype):
         """(A, Bs): the live members' A matrices concatenated, (Σr, in), and each B, in dtype; Bs is None when
@@ -170,8 +197,9 @@ class LoRAGroup:
         if not (fresh and id(member) in self._h):
             self._down(x, member.training)
         h, keep_scale = self._h.pop(id(member))  # (N, r)
+        decode = self._decode
         if not self._h:
-            self._x = None  # every member has its h: let x and h go
+            self._x = self._decode = None  # every member has its h: let x and h go
         kept = self._cast[4].get(id(member)) if self._cast is not None and not torch.is_grad_enabled() else None
         b = kept if kept is not None and kept.dtype == h.dtype else member.lora_B.weight.to(h.dtype)  # (out, r)
         y2 = y.reshape(-1, member.out_features).to(h.dtype)  # (N, out)
@@ -179,6 +207,10 @@ class LoRAGroup:
             # Decoding / eval: y is the base's fresh output and no graph needs it, so add in place. Out of place,
             # cuBLAS first copies y into the result: 7 device-to-device copies per decoder layer, ~0.9 µs each at
             # batch 1 (H200, 8B shape: 203 µs of a 5.3 ms token).
+            if decode is not None:  # few rows on CUDA: one small kernel in place of cuBLAS's addmm (module docstring)
+                full, first = decode
+                ops.lora_up_add_([y2], full, [b], [member.scaling * keep_scale], [first[id(member)]])
+                return y
             return y2.addmm_(h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)
         out = torch.addmm(y2, h, b.t(), alpha=member.scaling * keep_scale)  # y + s/(1-p) · h Bᵀ
         return out.view(y.shape).to(y.dtype)
@@ -194,8 +226,9 @@ class LoRAGroup:
         # x made by a cheap op (a norm, SwiGLU) that keeps its own inputs: save those, redo the op in the backward.
         wants = self.recompute_inputs and torch.is_grad_enabled() and a.requires_grad
         recipe = recompute.recipe_of(x) if wants else None
+        decode = decode_kernels_apply(x2, ps)  # implies no dropout and no recipe
         if not any(ps) and recipe is None:
-            h = x2 @ a.t()  # no dropout: one matmul for the group
+            h = ops.lora_down(x2, a) if decode else x2 @ a.t()  # no dropout: one matmul for the group
         elif not any(ps):
             h = _DroppedDown.apply(x2, a, 0, ps[:1], rs, 0, recipe)  # the same matmul, x not kept
         else:
@@ -203,6 +236,7 @@ class LoRAGroup:
             h = _DroppedDown.apply(x2, a, dropout.draw_seed(), ps if len(set(ps)) > 1 else ps[:1], rs, copies, recipe)
         hs = h.split(rs, dim=1)  # (N, Σr) -> (N, r) per member
         self._h = {id(m): (h, 1.0 / (1.0 - p)) for m, h, p in zip(live, hs, ps)}
+        self._decode = (h, {id(m): sum(rs[:i]) for i, m in enumerate(live)}) if decode else None
         self._x, self._version, self._grad = x, _version_of(x), torch.is_grad_enabled()
 
 

@@ -106,6 +106,16 @@ def _(grad, gate, up):
             torch.empty_like(up, memory_format=torch.contiguous_format))
 
 
+@torch.library.register_fake("minqlora::lora_down")
+def _(x, a):
+    return x.new_empty((*x.shape[:-1], a.shape[0]))
+
+
+@torch.library.register_fake("minqlora::lora_up_add_")
+def _(ys, h, bs, scales, offsets):
+    return None  # ys change in place (Tensor(a!)[] in the schema)
+
+
 # gemm_4bit's autograd (grad_x = grad_y · dequant(W); the frozen weight gets no gradient) is registered in C++ at
 # the Autograd key, csrc/gemm_autograd.cpp: a Python formula here cost more per call than a bf16 F.linear.
 
@@ -268,6 +278,23 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per
         raise ValueError(f"gemv_4bit needs in_features ({state.shape[-1]}) to be a multiple of 32 and of the "
                          f"blocksize ({state.blocksize}); gemm_4bit handles the rest")
     return _ops.gemv_4bit(x, quant.packed_bytes(packed), *_state_args(state), rows_per_cta, kernels[kernel])
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """h = x · aᵀ: x (..., K), a (R, K) of x's dtype -> h (..., R) in x's dtype, float32 accumulation. Not
+    differentiable: lora_fused.LoRAGroup calls it with autograd off. On CUDA, up to 16 rows of bf16/fp16 with K a
+    multiple of 8 run one few-row kernel (csrc/cuda/lora_decode.cu); anything else is x @ a.t() itself.
+    The checks are the kernels' own (RuntimeError naming the argument): this runs once per group per decode step."""
+    return _ops.lora_down(x, a)
+
+
+def lora_up_add_(ys: list[torch.Tensor], h: torch.Tensor, bs: list[torch.Tensor], scales: list[float],
+                 offsets: list[int]) -> None:
+    """For each i, in place: ys[i] (M, N_i) += scales[i] · h[:, offsets[i] : offsets[i] + r_i] · bs[i]ᵀ, bs[i]
+    (N_i, r_i), h (M, R), all one dtype. Not differentiable. On CUDA, up to 16 rows of bf16/fp16, up to three
+    members of r <= 128, run one kernel (y read as float32, the dot in float32, one rounding, as addmm_); anything
+    else is ys[i].addmm_(h_i, bs[i].t(), alpha=scales[i]) itself. Checked by the kernels (RuntimeError)."""
+    _ops.lora_up_add_(ys, h, bs, scales, offsets)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """lora_fused.py against the reference LoRALinear.forward: the same outputs and gradients on tiny Llamas (fp32 within
 rounding, bf16 autocast within bf16 rounding, with and without gradient checkpointing), one down-projection matmul
 per distinct input, the dropout masks of both modes reconstructed by hand, the dropout Function's gradients, grouping rules,
-copies, merged members, and 20 training steps of sft.train whose losses match the reference path.
+copies, merged members, and 20 training steps of sft.train whose losses match the reference path. The decode ops
+(ops.lora_down, ops.lora_up_add_): their CPU forms equal the torch math bit for bit, opcheck, torch.compile, argument
+checks, when the branch dispatches to them, and the branch's decode flow run through them on the CPU.
 
 Covers CPU. Leaves out CUDA (tests/cuda/test_lora_cuda.py) and speed (benchmarks/bench_train.py).
 """
@@ -12,13 +14,14 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import LoRALinear, add_lora, lora_modules, merge_lora
-from minqlora import dropout, recompute
+from minqlora import dropout, lora_fused, ops, recompute
 from minqlora.fused import swiglu
-from minqlora.lora_fused import LoRAGroup, _DroppedDown, set_lora_path
+from minqlora.lora_fused import DECODE_MAX_ROWS, LoRAGroup, _DroppedDown, decode_kernels_apply, set_lora_path
 from minqlora.model import Llama, LlamaConfig
 from minqlora.sft import TrainConfig, train
 from minqlora.tokenizer import Tokenizer
@@ -417,6 +420,138 @@ def test_merged_member_is_left_out():
     merged = merge_lora(model)
     assert not lora_modules(merged)
     torch.testing.assert_close(merged(IDS), merge_lora(ref)(IDS), rtol=1e-5, atol=1e-5)
+
+
+# -- the decode ops (csrc/lora_decode.cpp on the CPU; the CUDA kernels in tests/cuda/test_lora_cuda.py) -------------
+
+def up_add_case(dtype, rs=(4, 8, 3), ns=(7, 5, 9), m=3, seed=0):
+    """(ys, h, bs, scales, offsets): members of r = rs and N = ns sharing one h (m, Σr)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(m, sum(rs), generator=g).to(dtype)
+    ys = [torch.randn(m, n, generator=g).to(dtype) for n in ns]
+    bs = [torch.randn(n, r, generator=g).to(dtype) for n, r in zip(ns, rs)]
+    offsets = [sum(rs[:i]) for i in range(len(rs))]
+    return ys, h, bs, [0.5, 2.0, -1.25][:len(rs)], offsets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_ops_equal_the_torch_math_bit_for_bit(dtype):
+    """lora_down is x @ a.t() and lora_up_add_ is each member's addmm_ on its column slice of h: what LoRAGroup
+    computed before the ops existed, the same bits."""
+    g = torch.Generator().manual_seed(1)
+    x, a = torch.randn(2, 3, 40, generator=g).to(dtype), torch.randn(12, 40, generator=g).to(dtype)
+    assert torch.equal(ops.lora_down(x, a), x @ a.t())
+    ys, h, bs, scales, offsets = up_add_case(dtype)
+    want = [y.clone() for y in ys]
+    for y, b, s, o in zip(want, bs, scales, offsets):
+        y.addmm_(h[:, o:o + b.shape[1]], b.t(), alpha=s)
+    ptrs = [y.data_ptr() for y in ys]
+    ops.lora_up_add_(ys, h, bs, scales, offsets)
+    assert [y.data_ptr() for y in ys] == ptrs  # in place
+    for got, w in zip(ys, want):
+        assert torch.equal(got, w)
+
+
+def test_decode_ops_opcheck_and_compile():
+    ys, h, bs, scales, offsets = up_add_case(torch.float32)
+    x, a = torch.randn(3, 16), torch.randn(5, 16)
+    torch.library.opcheck(torch.ops.minqlora.lora_down.default, (x, a))
+    torch.library.opcheck(torch.ops.minqlora.lora_up_add_.default, (ys, h, bs, scales, offsets))
+
+    def step(x, a, ys, bs):
+        hh = ops.lora_down(x, a)  # (3, 5)
+        ops.lora_up_add_(ys, torch.cat([hh, hh[:, :2]], 1), bs, [0.5, 2.0], [0, 5])
+        return hh
+
+    bs2 = [torch.randn(7, 5), torch.randn(4, 2)]
+    eager_ys, compiled_ys = [torch.randn(3, 7), torch.randn(3, 4)], None
+    compiled_ys = [y.clone() for y in eager_ys]
+    want = step(x, a, eager_ys, bs2)
+    got = torch.compile(step, fullgraph=True)(x, a, compiled_ys, bs2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(compiled_ys, eager_ys):  # the mutation of ys reaches the caller's tensors
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_ops_check_their_arguments():
+    x, a = torch.randn(3, 16), torch.randn(5, 16)
+    with pytest.raises(RuntimeError, match=r"lora_down: a must be \(R, K\) with K = x's last dimension \(16\)"):
+        ops.lora_down(x, torch.randn(5, 8))
+    with pytest.raises(RuntimeError, match="lora_down: a must have x's dtype"):
+        ops.lora_down(x, a.bfloat16())
+    with pytest.raises(RuntimeError, match="lora_down: x must be float32, float16 or bfloat16"):
+        ops.lora_down(x.long(), a.long())
+    ys, h, bs, scales, offsets = up_add_case(torch.float32)
+    with pytest.raises(RuntimeError, match="one entry per member"):
+        ops.lora_up_add_(ys, h, bs[:2], scales, offsets)
+    with pytest.raises(RuntimeError, match=r"offsets\[2\] = 13 with r = 3 reaches past h's 15 columns"):
+        ops.lora_up_add_(ys, h, bs, scales, [0, 4, 13])
+    with pytest.raises(RuntimeError, match=r"bs\[1\] must be \(5, r\)"):
+        ops.lora_up_add_(ys, h, [bs[0], bs[0], bs[2]], scales, offsets)
+    with pytest.raises(RuntimeError, match=r"ys\[0\] must be \(3, N\)"):
+        ops.lora_up_add_([ys[0][:2], *ys[1:]], h, bs, scales, offsets)
+    with pytest.raises(RuntimeError, match=r"ys\[1\] and bs\[1\] must have h's dtype"):
+        ops.lora_up_add_([ys[0], ys[1].double(), ys[2]], h, bs, scales, offsets)
+
+
+def test_decode_kernels_apply_only_to_few_rows_on_cuda_without_grad_or_dropout(monkeypatch):
+    """The dispatch condition itself, on fake CUDA tensors (no GPU needed); a real CPU tensor never qualifies, nor
+    anything while DECODE_KERNELS is off (the default)."""
+    with FakeTensorMode():
+        off = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        assert not decode_kernels_apply(off, [0.0])
+    monkeypatch.setattr(lora_fused, "DECODE_KERNELS", True)
+    with FakeTensorMode():
+        x = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
+        rows = torch.empty(DECODE_MAX_ROWS, 4096, dtype=torch.float16, device="cuda")
+        too_many = torch.empty(DECODE_MAX_ROWS + 1, 4096, dtype=torch.bfloat16, device="cuda")
+        odd_k = torch.empty(1, 4100, dtype=torch.bfloat16, device="cuda")
+        fp32 = torch.empty(1, 4096, device="cuda")
+    with torch.no_grad():
+        assert decode_kernels_apply(x, [0.0, 0.0]) and decode_kernels_apply(rows, [0.0])
+        assert not decode_kernels_apply(x, [0.0, 0.1])  # dropout in effect (training)
+        assert not any(decode_kernels_apply(t, [0.0]) for t in (too_many, odd_k, fp32))
+        assert not decode_kernels_apply(torch.empty(1, 4096, dtype=torch.bfloat16), [0.0])  # the CPU
+    assert not decode_kernels_apply(x, [0.0])  # autograd on
+
+
+class CountDecodeOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = {"lora_down": 0, "lora_up_add_": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.calls:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_decode_does_not_take_the_decode_ops():
+    model = set_lora_path(tiny_llama().eval(), "fused")
+    with torch.no_grad(), CountDecodeOps() as counter:
+        model(IDS[:1, :4])
+    assert counter.calls == {"lora_down": 0, "lora_up_add_": 0}
+
+
+@pytest.mark.parametrize("merged_k", [False, True])
+def test_decode_flow_through_the_ops_equals_the_fused_path(monkeypatch, merged_k):
+    """With the dispatch condition forced on, the CPU runs the decode flow (one lora_down per group, one
+    lora_up_add_ per member, its column offset into the group's h) through the ops' ATen forms: the logits of the
+    fused path without them, bit for bit, also with a merged member left out of its group."""
+    model = set_lora_path(tiny_llama().eval(), "fused")
+    if merged_k:
+        model.model.layers[0].self_attn.k_proj.merge()
+    ids = IDS[:1, :5]
+    with torch.no_grad():
+        want = model(ids)
+        monkeypatch.setattr(lora_fused, "decode_kernels_apply", lambda x2, ps: not any(ps))
+        with CountDecodeOps() as counter:
+            got = model(ids)
+    assert counter.calls == {"lora_down": 4 * 2, "lora_up_add_": 7 * 2 - merged_k}
+    assert torch.equal(got, want)
+    assert all(m.group._decode is None for m in lora_modules(model).values() if not m.merged)  # nothing kept
 
 
 # -- training: the first 20 steps -----------------------------------------------------------------------------------
