@@ -41,6 +41,20 @@ def graph_step_us(decoder: Decoder, step, steps: int) -> float:
     return statistics.median(times)
 
 
+def prefilled(model, ids, config, max_len: int, mode: str, ungroup: bool):
+    """(Decoder, its step) in `mode`, the prompt prefilled and 3 steps run (graph capture, warm-up); ungroup undoes the
+    Decoder's projection groups before the step is made."""
+    decoder = Decoder(model, ids.shape[0], max_len, mode)
+    if ungroup:
+        group_projections(model, False)
+    step = decoder._runner(config)
+    decoder._reset()
+    decoder._emit(last_logits(model, ids, None, decoder.cache), config)
+    for _ in range(3):
+        step()
+    return decoder, step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
@@ -65,25 +79,11 @@ def main() -> None:
     max_len = PROMPT_LEN + 3 * args.steps + 16
 
     with torch.inference_mode():
-        graphed = Decoder(model, args.batch, max_len, "graph")
-        if args.no_group:
-            group_projections(model, False)
-        replay = graphed._runner(config)
-        graphed._reset()
-        graphed._emit(last_logits(model, ids, None, graphed.cache), config)
-        for _ in range(3):
-            replay()
+        graphed, replay = prefilled(model, ids, config, max_len, "graph", args.no_group)
         graph_us = graph_step_us(graphed, replay, args.steps)
         del graphed, replay
 
-        eager = Decoder(model, args.batch, max_len, "static")
-        if args.no_group:
-            group_projections(model, False)
-        step = eager._runner(config)
-        eager._reset()
-        eager._emit(last_logits(model, ids, None, eager.cache), config)
-        for _ in range(3):
-            step()
+        eager, step = prefilled(model, ids, config, max_len, "static", args.no_group)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):

@@ -60,12 +60,10 @@ at::Tensor gemm_4bit_grad_input_composite(const at::Tensor& grad_y, const at::Te
   return at::matmul(grad_y, w);
 }
 
-std::vector<at::Tensor> gemm_4bit_group_each(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
-                                             const c10::List<c10::optional<at::Tensor>>& nested_absmax,
-                                             const c10::List<c10::optional<at::Tensor>>& nested_map,
-                                             c10::ArrayRef<double> nested_offset, int64_t blocksize,
-                                             int64_t nested_blocksize, c10::string_view quant_type,
-                                             c10::IntArrayRef out_features) {
+size_t check_group_lists(at::TensorList packed, at::TensorList absmax,
+                         const c10::List<c10::optional<at::Tensor>>& nested_absmax,
+                         const c10::List<c10::optional<at::Tensor>>& nested_map, c10::ArrayRef<double> nested_offset,
+                         c10::IntArrayRef out_features) {
   const size_t n = packed.size();
   TORCH_CHECK(n >= 1, "gemm_4bit_group needs at least one weight");
   TORCH_CHECK(absmax.size() == n && nested_absmax.size() == n && nested_map.size() == n &&
@@ -73,6 +71,16 @@ std::vector<at::Tensor> gemm_4bit_group_each(const at::Tensor& x, at::TensorList
               "gemm_4bit_group: packed, absmax, nested_absmax, nested_map, nested_offset and out_features must have "
               "one entry per weight (", n, "), got ", absmax.size(), ", ", nested_absmax.size(), ", ",
               nested_map.size(), ", ", nested_offset.size(), ", ", out_features.size());
+  return n;
+}
+
+std::vector<at::Tensor> gemm_4bit_group_each(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                             const c10::List<c10::optional<at::Tensor>>& nested_absmax,
+                                             const c10::List<c10::optional<at::Tensor>>& nested_map,
+                                             c10::ArrayRef<double> nested_offset, int64_t blocksize,
+                                             int64_t nested_blocksize, c10::string_view quant_type,
+                                             c10::IntArrayRef out_features) {
+  const size_t n = check_group_lists(packed, absmax, nested_absmax, nested_map, nested_offset, out_features);
   TORCH_CHECK(x.dim() >= 1, "gemm_4bit_group: x must have at least one dimension");
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("minqlora::gemm_4bit", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -177,18 +177,19 @@ class LoRAGroup:
         adapters instead of 24 (a concatenation and a cast of A per group, a cast of each B), each a few µs at batch 1.
         (A CUDA graph captured after the first call keeps the kept tensors: build a new Decoder after changing the
         adapters in place, as for any captured weight the graph reads through a cast.)"""
+        def cat_a():
+            return (torch.cat([m.lora_A.weight for m in live]) if len(live) > 1 else live[0].lora_A.weight).to(dtype)
+
         if torch.is_grad_enabled():
             self._cast = None  # training: let a kept copy go
-            a = torch.cat([m.lora_A.weight for m in live]) if len(live) > 1 else live[0].lora_A.weight
-            return a.to(dtype), None
+            return cat_a(), None
         params = [p for m in live for p in (m.lora_A.weight, m.lora_B.weight)]
         versions = [_version_of(p) for p in params]
         cast = self._cast  # (dtype, params, versions, A, Bs): holding the params keeps their identities unique
         fresh = (cast is not None and cast[0] == dtype and len(cast[1]) == len(params)
                  and all(p is q for p, q in zip(cast[1], params)) and cast[2] == versions)
         if not fresh:
-            a = torch.cat([m.lora_A.weight for m in live]) if len(live) > 1 else live[0].lora_A.weight
-            cast = self._cast = (dtype, params, versions, a.to(dtype), {id(m): m.lora_B.weight.to(dtype) for m in live})
+            cast = self._cast = (dtype, params, versions, cat_a(), {id(m): m.lora_B.weight.to(dtype) for m in live})
         return cast[3], cast[4]
 
     def forward(self, member: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -116,11 +116,10 @@ std::vector<at::Tensor> gemm_4bit_group_cuda(const at::Tensor& x_in, at::TensorL
                                              c10::ArrayRef<double> nested_offset, int64_t blocksize,
                                              int64_t nested_blocksize, c10::string_view quant_type,
                                              c10::IntArrayRef out_features) {
-  const size_t n = packed.size();
+  const size_t n = check_group_lists(packed, absmax, nested_absmax, nested_map, nested_offset, out_features);
   const int64_t K = x_in.dim() >= 1 ? x_in.size(-1) : 0;
-  bool fused = n >= 2 && n <= static_cast<size_t>(cuda::kMaxGroup) && absmax.size() == n &&
-               nested_absmax.size() == n && nested_map.size() == n && nested_offset.size() == n &&
-               out_features.size() == n && K > 0 && x_in.numel() / K <= 16 && x_in.numel() / K <= fused_max_rows();
+  bool fused = n >= 2 && n <= static_cast<size_t>(cuda::kMaxGroup) && K > 0 && x_in.numel() / K <= 16 &&
+               x_in.numel() / K <= fused_max_rows();
   for (size_t i = 0; fused && i < n; ++i) {
     const std::vector<int64_t> shape{out_features[i], K};
     fused = fused_applies(x_in, blocksize, shape) && packed[i].device() == x_in.device();

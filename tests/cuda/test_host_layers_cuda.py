@@ -15,21 +15,10 @@ from minqlora.host_embedding import embed_on_host
 from minqlora.lora import add_lora, lora_modules
 from minqlora.loss import linear_cross_entropy
 from minqlora.shapes import random_model, shape_config
+# hidden 512, head_dim 128 as in Llama: at 2 x 1024 tokens a (B, T, H) bf16 tensor is 2 MiB, k and v 1 MiB, all parked
+from test_training_memory_cuda import _lora_model
 
 DEV = torch.device("cuda")
-
-
-def _lora_model(layers):
-    torch.manual_seed(0)
-    # head_dim 128 as in Llama; at 2 x 1024 tokens a (B, T, H) bf16 tensor is 2 MiB, k and v 1 MiB: all parked.
-    config = shape_config("tiny", hidden_size=512, intermediate_size=1536, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
-    model = random_model(config, device=DEV)
-    add_lora(model, r=8, alpha=16, dropout=0.05)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.weight.normal_(0, 0.02)
-    return model.train()
 
 
 def _step(model, ids, host, mode="none", keep_last=0, offload=False, stride=1, prefetch=4):
