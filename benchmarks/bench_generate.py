@@ -4,7 +4,8 @@ Rows, each at batch 1 and 8, all in one process on the same GPU:
 - minqlora NF4 + double quant, the decode step in a CUDA graph ("graph") and without one ("static": the same
   static-cache step launched kernel by kernel from Python), optionally through torch.compile (--compile);
 - minqlora NF4 + DQ with an unmerged LoRA adapter (r=16, all seven projections, float32 A/B as add_lora makes them)
-  through the fused branch (lora_fused.py), as the CLI runs adapters;
+  through the fused branch (lora_fused.py), as the CLI runs adapters, and on a GPU once more with the few-row
+  LoRA decode kernels (lora_fused.DECODE_KERNELS) switched the other way;
 - minqlora bf16 (16 GB), CUDA graph;
 - transformers `generate` with bitsandbytes NF4 + DQ Linear4bit layers (its default dynamic cache).
 
@@ -37,6 +38,7 @@ from minqlora.decode import Decoder
 from minqlora.generate import GenerationConfig, generate
 from minqlora.linear4bit import Linear4bit
 from minqlora.lora import DEFAULT_TARGETS, add_lora
+from minqlora import lora_fused
 from minqlora.lora_fused import set_lora_path
 from minqlora.model import DecoderLayer, Llama, LlamaConfig
 
@@ -177,6 +179,11 @@ def main() -> None:
     add_lora(model, r=16, alpha=32, dropout=0.0)
     set_lora_path(model, "fused")  # what training and the CLI use: one x·Aᵀ per shared input, casts kept (lora_fused.py)
     measure(f"minqlora NF4+DQ + LoRA r=16 {fast}", lambda x: minqlora_run(model, x, new, fast))
+    if device.type == "cuda":  # the same adapter through cuBLAS + addmm_ instead of the few-row decode kernels
+        kernels, lora_fused.DECODE_KERNELS = lora_fused.DECODE_KERNELS, not lora_fused.DECODE_KERNELS
+        measure(f"minqlora NF4+DQ + LoRA r=16 {fast}, decode kernels {'on' if not kernels else 'off'}",
+                lambda x: minqlora_run(model, x, new, fast))
+        lora_fused.DECODE_KERNELS = kernels
     del model
     if not args.skip_bf16:
         model = minqlora_model(cfg, device, quantize=False)
@@ -198,7 +205,9 @@ def main() -> None:
     for b in batches:
         line = [f"{label} {speed[nf4, b] / speed[other, b]:.2f}x" for label, other in ratios.items()
                 if (other, b) in speed]
-        line.append(f"LoRA r=16 unmerged / NF4 {speed[f'minqlora NF4+DQ + LoRA r=16 {fast}', b] / speed[nf4, b]:.2f}x")
+        for name in names:
+            if name.startswith("minqlora NF4+DQ + LoRA"):
+                line.append(f"{name[len('minqlora NF4+DQ + '):]} / NF4 {speed[name, b] / speed[nf4, b]:.2f}x")
         if b != batches[0]:
             line.append(f"tok/s of batch {b} / batch {batches[0]} {speed[nf4, b] / speed[nf4, batches[0]]:.2f}x")
         print(f"  batch {b}: " + ", ".join(line))

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_generate import LLAMA3_8B, PROMPT_LEN, TINY, minqlora_model
 from minqlora.decode import Decoder
 from minqlora.lora import add_lora
+from minqlora import lora_fused
 from minqlora.lora_fused import set_lora_path
 from minqlora.model import LlamaConfig
 from minqlora.proj_group import group_projections
@@ -65,6 +66,8 @@ def main() -> None:
                     "before capture: q/k/v and gate/up as separate launches, for comparison")
     ap.add_argument("--lora", action="store_true", help="with an unmerged r=16 adapter on all seven projections "
                     "(the fused branch, as bench_generate.py)")
+    ap.add_argument("--lora-kernels", choices=("on", "off"), help="with --lora: the few-row decode kernels "
+                    "(ops.lora_down / lora_up_add_) or cuBLAS + addmm_ (default: lora_fused.DECODE_KERNELS)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA GPU")
@@ -74,6 +77,8 @@ def main() -> None:
     if args.lora:
         add_lora(model, r=16, alpha=32, dropout=0.0)
         set_lora_path(model, "fused")
+        if args.lora_kernels:
+            lora_fused.DECODE_KERNELS = args.lora_kernels == "on"
     ids = torch.randint(0, cfg.vocab_size, (args.batch, PROMPT_LEN), device=dev)
     config = GenerationConfig(max_new_tokens=2 * args.steps + 8)
     max_len = PROMPT_LEN + 3 * args.steps + 16
@@ -96,7 +101,7 @@ def main() -> None:
             per_name[ev.name].append(ev.device_time)
     rows = sorted(((sum(t) / args.steps, len(t) / args.steps, n) for n, t in per_name.items()), reverse=True)
     total = sum(r[0] for r in rows)
-    what = (", LoRA r=16" if args.lora else "") + (", projections ungrouped" if args.no_group else "")
+    what = (f", LoRA r=16 (decode kernels {'on' if lora_fused.DECODE_KERNELS else 'off'})" if args.lora else "") + (", projections ungrouped" if args.no_group else "")
     print(f"batch {args.batch}, {cfg.num_hidden_layers} layers{what}: graph replay {graph_us:.1f} us a step "
           f"({1e6 / graph_us * args.batch:.1f} tok/s); kernels of the eager step sum to {total:.1f} us "
           f"({total / graph_us:.0%} of the replay)")
