@@ -3,7 +3,7 @@
 # carried wheel, builds the extension against the machine's own torch, then runs the parts named on the command line
 # (default: all), each logging under $OUT, and prints a short summary last.
 #
-#   bash benchmarks/gpu.sh [tests] [gemv] [quant] [generate] [step] [context] [sass] ...
+#   bash benchmarks/gpu.sh [tests] [gemv] [quant] [linear] [generate] [step] [context] [sass] ...
 #   TESTS="tests/cuda/test_gemv_cuda.py" bash benchmarks/gpu.sh tests    # a subset of tests/cuda
 #   GEMV_ARGS=--quick bash benchmarks/gpu.sh gemv                        # extra arguments for one benchmark
 #
@@ -62,6 +62,7 @@ for part in $parts; do
       grep -E "^(FAILED|ERROR)|^E  |crashed" "$OUT/pytest.log" | head -n 40 ;;
     gemv) bench gemv benchmarks/bench_gemv.py --out "$OUT/gemv.json" --png "$OUT/gemv.png" ${GEMV_ARGS:-} ;;
     quant) bench quant benchmarks/bench_quant.py --out "$OUT/bench_quant.json" ${QUANT_ARGS:-} ;;
+    linear) bench linear benchmarks/bench_linear.py --out "$OUT/linear.json" ${LINEAR_ARGS:-} ;;
     generate) bench generate benchmarks/bench_generate.py ${GENERATE_ARGS:-} ;;
     step) bench step benchmarks/bench_step.py ${STEP_ARGS:-} ;;
     context) bench context benchmarks/bench_context.py ${CONTEXT_ARGS:-} ;;
@@ -71,7 +72,7 @@ for part in $parts; do
       cuobjdump -sass minqlora/_C*.so 2>/dev/null | python3 benchmarks/sass_summary.py --match "${SASS_MATCH:-gemv_4bit_kernel}" \
         --dump "$OUT/sass.txt" > "$OUT/sass_summary.txt" 2>&1
       summary+=("sass: exit $?: $(wc -l < "$OUT/sass.txt") lines of SASS") ;;
-    *) echo "unknown part: $part (tests gemv quant generate step context sass)"; rc=1 ;;
+    *) echo "unknown part: $part (tests gemv quant linear generate step context sass)"; rc=1 ;;
   esac
 done
 
