@@ -90,6 +90,8 @@ class HostOffloader:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.host: list[torch.Tensor | None] = []  # per slot: the pinned host copy (or, on a CPU, x itself)
         self.back: dict[int, torch.Tensor] = {}  # slots already copied back (or being copied) to the device
+        # _OffloadedCheckpoint's anchor, one for the pass: a zero-size leaf that requires grad (it never gets one)
+        self.anchor = torch.empty(0, requires_grad=True)
 
     def save(self, x: torch.Tensor) -> int:
         x = x.detach()
@@ -126,6 +128,13 @@ class HostOffloader:
 
 def _device_rng(device: torch.device):
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng(states, device: torch.device) -> None:
+    """Restore (CPU generator state, device generator state or None) as taken by get_rng_state / _device_rng."""
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def _tiles(n: int, tile: int):
@@ -172,28 +181,34 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         args = ctx.saved_tensors
-        x = ctx.offloader.load(ctx.slot).detach()
+        x = ctx.offloader.load(ctx.slot)  # detached (save), so requires_grad_ below marks no tensor of the forward
         need_x = ctx.needs_input_grad[5]  # the first layer's input needs no gradient
         kind, autocast_on, autocast_dtype = ctx.autocast
-        flat, grad_flat = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, x.shape[-1])
-        pieces = _tiles(flat.shape[0], ctx.tile) if ctx.tile and flat.shape[0] > ctx.tile else None
-        grad_x = torch.empty_like(x) if need_x and pieces else None
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type="cuda"):
-            torch.set_rng_state(ctx.rng[0])
-            if ctx.rng[1] is not None:
-                torch.cuda.set_rng_state(ctx.rng[1], x.device)
-            for rows in pieces or [None]:
-                piece = (flat[rows] if rows is not None else x).detach().requires_grad_(need_x)
+        tokens = x.shape[0] * x.shape[1]  # x (B, T, H), as _run
+        if ctx.tile and tokens > ctx.tile:
+            flat, grad_flat = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, x.shape[-1])
+            pieces = [(flat[rows], grad_flat[rows], rows) for rows in _tiles(tokens, ctx.tile)]
+            grad_x = torch.empty_like(x) if need_x else None
+        else:
+            pieces, grad_x = [(x, grad_y, None)], None
+        # The forward's RNG state for the recomputation (the same dropout seeds), and this one's back afterwards: what
+        # torch.random.fork_rng does, less its per-call device lookups (a few µs per half layer, issue 8).
+        states = (torch.get_rng_state(), _device_rng(x.device))
+        try:
+            _set_rng(ctx.rng, x.device)
+            for piece, grad, rows in pieces:
+                piece = piece.detach().requires_grad_(need_x)
                 with torch.enable_grad(), torch.autocast(kind, dtype=autocast_dtype, enabled=autocast_on), \
                         ctx.cached or nullcontext():
                     y = ctx.fn(piece, *args)
                 if y.requires_grad:  # LoRA gradients accumulate into .grad here, piece by piece
-                    torch.autograd.backward(y, grad_flat[rows] if rows is not None else grad_y)
+                    torch.autograd.backward(y, grad)
                 if need_x and rows is not None:
                     grad_x.view(-1, x.shape[-1])[rows] = piece.grad
                 elif need_x:
                     grad_x = piece.grad
+        finally:
+            _set_rng(states, x.device)
         return (None,) * 5 + (grad_x,) + (None,) * len(args)
 
 
@@ -220,7 +235,7 @@ def checkpoint_layer(layer, x: torch.Tensor, cos, sin, mask, *, mode: str = "ful
         # The halves are called as methods, past the module call where FSDP2 gathers the layer's shards.
         raise ValueError("offloaded checkpoints do not combine with FSDP2 (--parallel fsdp2); use DDP or leave "
                          "offload_checkpoints off")
-    anchor = torch.empty(0, requires_grad=True)
+    anchor = offloader.anchor
     x = _OffloadedCheckpoint.apply(layer.attention_block, mode, 0, offloader, anchor, x, cos, sin, mask)
     tile = mlp_tile(layer.mlp.down_proj.in_features)
     return _OffloadedCheckpoint.apply(layer.mlp_block, "full", tile, offloader, anchor, x)

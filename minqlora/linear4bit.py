@@ -97,6 +97,7 @@ class Linear4bit(nn.Module):
         self._buffers["weight_absmax"] = state.absmax
         self._buffers["weight_nested_absmax"] = state.nested_absmax
         self._buffers["weight_nested_map"] = None if state.nested_map is None else state.nested_map.clone()
+        self._weight_args = None  # the scalars changed too (nested_offset, blocksize): rebuild (_op_args)
 
     @property
     def quant_state(self) -> QuantState:
@@ -121,11 +122,36 @@ class Linear4bit(nn.Module):
         group = self.__dict__.get("group")  # proj_group.py: siblings in one launch (decoding), set by its caller
         if group is not None and (y := group.forward(self, x)) is not None:
             return y
-        # The op takes the bytes: a float-storage weight is viewed back as uint8 (a view, no copy).
-        y = ops.gemm_4bit(x.to(self.compute_dtype), quant.packed_bytes(self.weight), self.quant_state)
+        # Casts only where the dtypes differ: a no-op .to() still costs a dispatch (~1.5 µs on the CPU), and under
+        # autocast x is already in compute_dtype.
+        dtype = x.dtype
+        y = ops.gemm_4bit_args(x if dtype == self.compute_dtype else x.to(self.compute_dtype), self._op_args())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype)
+        return y if y.dtype == dtype else y.to(dtype)
+
+    def _op_args(self) -> tuple:
+        """ops.weight_args of this weight: the bytes as uint8 (a float-storage weight viewed back, no copy) and the
+        state's fields. Kept between calls, the weight being frozen, and keyed by the buffers' identities, so a
+        buffer swapped in (register_buffer, torch.func.functional_call) makes new ones; set_quantized (hence
+        load_state_dict) and _apply (.to(), .cuda(), to_empty) drop them, so they never hold a moved weight's old
+        memory. Under torch.compile they are built each call, which the trace turns into constants."""
+        if torch.compiler.is_compiling():
+            return ops.weight_args(self.weight, self.quant_state)
+        b = self._buffers
+        w, absmax, nested_absmax, nested_map = (b["weight"], b["weight_absmax"], b["weight_nested_absmax"],
+                                                b["weight_nested_map"])
+        kept = self.__dict__.get("_weight_args")
+        if (kept is not None and kept[0] is w and kept[1] is absmax and kept[2] is nested_absmax
+                and kept[3] is nested_map):
+            return kept[4]
+        args = ops.weight_args(w, self.quant_state)
+        self._weight_args = (w, absmax, nested_absmax, nested_map, args)
+        return args
+
+    def __getstate__(self) -> dict:
+        # Copies (copy.deepcopy, pickling) rebuild the kept arguments from their own buffers.
+        return {**self.__dict__, "_weight_args": None}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -145,6 +171,7 @@ class Linear4bit(nn.Module):
         for k, t in held.items():
             device = fn(t[:0]).device  # where fn sends a tensor of this kind; the dtype stays
             self._buffers[k] = torch.empty_like(t, device=device) if t.is_meta else t.to(device)
+        self._weight_args = None  # they would keep the old buffers alive
         return self
 
     # -- bitsandbytes state-dict keys -------------------------------------------------------------------------

@@ -76,11 +76,13 @@ class _DroppedDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, a, seed: int, ps: list[float], rs: list[int], copies: int, recipe=None):
         # x2 (N, in), a (Σr, in), both in the compute dtype; recipe None or (Replay, tensors) giving x2's source
+        # torch.mm, unbind and split_with_sizes are what @, [c] and split run, with fewer dispatches (module doc).
         if copies == 0:
-            h = x2 @ a.t()
+            h = torch.mm(x2, a.t())
         else:
             xd = torch.ops.minqlora.dropout_copies(x2, seed, ps, copies)  # (copies, N, in)
-            h = xd[0] @ a.t() if copies == 1 else torch.cat([xd[c] @ ac.t() for c, ac in enumerate(a.split(rs))], 1)
+            h = (torch.mm(xd[0], a.t()) if copies == 1 else
+                 torch.cat([torch.mm(xc, ac.t()) for xc, ac in zip(xd.unbind(0), a.split_with_sizes(rs))], 1))
         ctx.x_shape, ctx.x_dtype = x2.shape, x2.dtype
         if recipe is None:
             ctx.replay = None
@@ -97,21 +99,23 @@ class _DroppedDown(torch.autograd.Function):
         ops, seed, ps, rs, copies = torch.ops.minqlora, ctx.seed, ctx.ps, ctx.rs, ctx.copies
         grad_x = grad_a = None
         if ctx.needs_input_grad[1]:  # only A's gradient reads x
-            x2 = kept[0] if ctx.replay is None else ctx.replay(kept).reshape(ctx.x_shape).to(ctx.x_dtype)
-            xd = x2.unsqueeze(0) if copies == 0 else ops.dropout_copies(x2, seed, ps, copies)  # the same masks again
+            x2 = kept[0] if ctx.replay is None else ctx.replay(kept).reshape(ctx.x_shape)
+            x2 = x2 if x2.dtype == ctx.x_dtype else x2.to(ctx.x_dtype)
+            xd = (x2,) if copies == 0 else ops.dropout_copies(x2, seed, ps, copies)  # the same masks again
         if copies <= 1:
             if ctx.needs_input_grad[1]:
-                grad_a = grad_h.t() @ xd[0]  # (Σr, in): what autograd of x2 @ a.t() computes
+                grad_a = torch.mm(grad_h.t(), xd[0])  # (Σr, in): what autograd of x2 @ a.t() computes
             if ctx.needs_input_grad[0]:
-                grad_x = grad_h @ a if copies == 0 else ops.dropout_sum((grad_h @ a).unsqueeze(0), seed, ps)
+                grad_x = torch.mm(grad_h, a)
+                grad_x = grad_x if copies == 0 else ops.dropout_sum(grad_x.unsqueeze(0), seed, ps)
         else:
-            gs, as_ = grad_h.split(rs, 1), a.split(rs)
+            gs = grad_h.split_with_sizes(rs, 1)
             if ctx.needs_input_grad[1]:
-                grad_a = torch.cat([g.t() @ xd[c] for c, g in enumerate(gs)])
+                grad_a = torch.cat([torch.mm(g.t(), xc) for g, xc in zip(gs, xd.unbind(0))])
             if ctx.needs_input_grad[0]:
                 per_copy = grad_h.new_empty((copies, *ctx.x_shape))  # (copies, N, in): member c's g_c·A_c, masked
-                for c, (g, ac) in enumerate(zip(gs, as_)):
-                    torch.mm(g, ac, out=per_copy[c])
+                for g, ac, out in zip(gs, a.split_with_sizes(rs), per_copy.unbind(0)):
+                    torch.mm(g, ac, out=out)
                 grad_x = ops.dropout_sum(per_copy, seed, ps)
         return grad_x, grad_a, None, None, None, None, None
 
@@ -167,20 +171,23 @@ class LoRAGroup:
         # nor the cast weights (they would be the original's, not the copy's).
         return {**self.__dict__, "_x": None, "_h": {}, "_cast": None, "_decode": None}
 
-    def _weights(self, live: list[LoRALinear], dtype: torch.dtype):
+    def _weights(self, live: list[LoRALinear], dtype: torch.dtype, training: bool):
         """(A, Bs): the live members' A matrices concatenated, (Σr, in), and each B, in dtype; Bs is None when
-        autograd is on (forward casts B itself, so its gradient flows to the float32 master weight).
+        autograd is on or in training mode (forward casts B itself, so its gradient flows to the float32 master
+        weight). A checkpointed training forward runs with autograd off, but its adapters change every step: kept
+        copies would be rebuilt each time, after checking them (their lists cost ~10 µs a group on the CPU).
 
-        With autograd off (decoding, eval) they are kept between calls while the adapters are unchanged: every A and
-        B is checked by identity and in-place version counter, so an optimizer step, load_adapter or a merge makes new
-        ones. A decode step then runs no cast or concatenation kernels: per Llama decoder layer 11 kernels for seven
-        adapters instead of 24 (a concatenation and a cast of A per group, a cast of each B), each a few µs at batch 1.
+        With autograd off in eval mode (decoding, eval) they are kept between calls while the adapters are
+        unchanged: every A and B is checked by identity and in-place version counter, so an optimizer step,
+        load_adapter or a merge makes new ones. A decode step then runs no cast or concatenation kernels: per Llama
+        decoder layer 11 kernels for seven adapters instead of 24 (a concatenation and a cast of A per group, a cast
+        of each B), each a few µs at batch 1.
         (A CUDA graph captured after the first call keeps the kept tensors: build a new Decoder after changing the
         adapters in place, as for any captured weight the graph reads through a cast.)"""
         def cat_a():
             return (torch.cat([m.lora_A.weight for m in live]) if len(live) > 1 else live[0].lora_A.weight).to(dtype)
 
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or training:
             self._cast = None  # training: let a kept copy go
             return cat_a(), None
         params = [p for m in live for p in (m.lora_A.weight, m.lora_B.weight)]
@@ -194,17 +201,19 @@ class LoRAGroup:
 
     def forward(self, member: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """member's output y + s·dropout(x)·Aᵀ·Bᵀ, (..., out) in y's dtype; y = member.base_layer(x)."""
-        fresh = self._x is x and self._version == _version_of(x) and self._grad == torch.is_grad_enabled()
-        if not (fresh and id(member) in self._h):
+        grad, key = torch.is_grad_enabled(), id(member)
+        if not (self._x is x and key in self._h and self._version == _version_of(x) and self._grad == grad):
             self._down(x, member.training)
-        h, keep_scale = self._h.pop(id(member))  # (N, r)
+        h, keep_scale = self._h.pop(key)  # (N, r)
         decode = self._decode
         if not self._h:
             self._x = self._decode = None  # every member has its h: let x and h go
-        kept = self._cast[4].get(id(member)) if self._cast is not None and not torch.is_grad_enabled() else None
+        kept = self._cast[4].get(key) if self._cast is not None and not grad else None
         b = kept if kept is not None and kept.dtype == h.dtype else member.lora_B.weight.to(h.dtype)  # (out, r)
-        y2 = y.reshape(-1, member.out_features).to(h.dtype)  # (N, out)
-        if not torch.is_grad_enabled() and y2.data_ptr() == y.data_ptr() and y2.dtype == y.dtype:
+        y2 = y.reshape(-1, member.out_features)  # (N, out)
+        if y2.dtype != h.dtype:  # casts only where needed: a no-op .to() costs a dispatch too (module docstring)
+            y2 = y2.to(h.dtype)
+        if not grad and y2.data_ptr() == y.data_ptr() and y2.dtype == y.dtype:
             # Decoding / eval: y is the base's fresh output and no graph needs it, so add in place. Out of place,
             # cuBLAS first copies y into the result: 7 device-to-device copies per decoder layer, ~0.9 µs each at
             # batch 1 (H200, 8B shape: 203 µs of a 5.3 ms token).
@@ -213,15 +222,16 @@ class LoRAGroup:
                 ops.lora_up_add_([y2], full, [b], [member.scaling * keep_scale], [first[id(member)]])
                 return y
             return y2.addmm_(h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)
-        out = torch.addmm(y2, h, b.t(), alpha=member.scaling * keep_scale)  # y + s/(1-p) · h Bᵀ
-        return out.view(y.shape).to(y.dtype)
+        out = torch.addmm(y2, h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)  # y + s/(1-p) · h Bᵀ
+        return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def _down(self, x: torch.Tensor, training: bool) -> None:
         """h = dropout(x)·Aᵀ for every unmerged member, kept in self._h."""
         live = [m for m in self.members if not m.merged]
         dtype = compute_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in), N = all leading dims
-        a, _ = self._weights(live, dtype)  # (Σr, in), one cast for the group (none at all while kept)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in), N = all leading dims
+        x2 = x2 if x2.dtype == dtype else x2.to(dtype)
+        a, _ = self._weights(live, dtype, training)  # (Σr, in), one cast for the group (none at all while kept)
         ps = [m.dropout if training else 0.0 for m in live]
         rs = [m.r for m in live]
         # x made by a cheap op (a norm, SwiGLU) that keeps its own inputs: save those, redo the op in the backward.
@@ -235,7 +245,7 @@ class LoRAGroup:
         else:
             copies = 1 if self.shared_dropout or len(live) == 1 else len(live)
             h = _DroppedDown.apply(x2, a, dropout.draw_seed(), ps if len(set(ps)) > 1 else ps[:1], rs, copies, recipe)
-        hs = h.split(rs, dim=1)  # (N, Σr) -> (N, r) per member
+        hs = h.split_with_sizes(rs, 1) if len(live) > 1 else (h,)  # (N, Σr) -> (N, r) per member
         self._h = {id(m): (h, 1.0 / (1.0 - p)) for m, h, p in zip(live, hs, ps)}
         self._decode = (h, {id(m): sum(rs[:i]) for i, m in enumerate(live)}) if decode else None
         self._x, self._version, self._grad = x, _version_of(x), torch.is_grad_enabled()

@@ -176,6 +176,12 @@ def _state_args(state: QuantState):
             state.nested_blocksize, state.quant_type, list(state.shape))
 
 
+def weight_args(packed: torch.Tensor, state: QuantState) -> tuple:
+    """(packed as uint8 bytes, *the state's fields): every argument of the 4-bit ops after x, for a caller that
+    keeps them across calls (Linear4bit: its weight is frozen) and calls gemm_4bit_args."""
+    return (quant.packed_bytes(packed), *_state_args(state))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The public API (re-exported by minqlora/__init__.py)
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,9 +237,16 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch
 
     On CUDA, few rows of bf16/fp16 x (up to 32, csrc/cuda/gemv_ops.cpp) run the fused 4-bit kernel; more rows,
     other dtypes and the CPU dequantize the weight and call a matmul."""
-    if x.shape[-1] != state.shape[-1]:
-        raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {state.shape[-1]}")
-    return _ops.gemm_4bit(x, quant.packed_bytes(packed), *_state_args(state))
+    return gemm_4bit_args(x, weight_args(packed, state))
+
+
+def gemm_4bit_args(x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """gemm_4bit with the weight given as weight_args(packed, state), built once: rebuilding them each call (a
+    QuantState, a reshape of the bytes, a list of the shape) was a fifth of Linear4bit's Python time per forward
+    (benchmarks/bench_host.py)."""
+    if x.shape[-1] != args[-1][-1]:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but the weight has in_features {args[-1][-1]}")
+    return _ops.gemm_4bit(x, *args)
 
 
 def gemm_4bit_group(x: torch.Tensor, weights: list[tuple[torch.Tensor, QuantState]]) -> list[torch.Tensor]:

@@ -392,6 +392,8 @@ def packed_bytes(t: torch.Tensor) -> torch.Tensor:
     float dtype: reinterpret the bytes, never convert the values."""
     if t.dtype != torch.uint8:
         t = t.contiguous().view(-1).view(torch.uint8)
+    elif t.dim() == 2 and t.shape[1] == 1:
+        return t  # already the layout (the usual case): no view to make
     return t.reshape(-1, 1)
 
 
