@@ -496,7 +496,8 @@ def test_decode_ops_check_their_arguments():
 
 def test_decode_kernels_apply_only_to_few_rows_on_cuda_without_grad_or_dropout(monkeypatch):
     """The dispatch condition itself, on fake CUDA tensors (no GPU needed); a real CPU tensor never qualifies, nor
-    anything while DECODE_KERNELS is off (the default)."""
+    anything while DECODE_KERNELS is off."""
+    monkeypatch.setattr(lora_fused, "DECODE_KERNELS", False)
     with FakeTensorMode():
         off = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():

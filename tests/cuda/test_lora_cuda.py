@@ -234,7 +234,7 @@ def test_decode_ops_opcheck_and_compile_cuda():
 
 @pytest.fixture
 def decode_kernels(monkeypatch):
-    """lora_fused.DECODE_KERNELS on (opt-in until these tests have run on a GPU)."""
+    """lora_fused.DECODE_KERNELS on (the default; set here so a test does not depend on it)."""
     monkeypatch.setattr(lora_fused, "DECODE_KERNELS", True)
 
 
@@ -244,23 +244,31 @@ def test_decode_kernels_logits_close_to_reference(batch, seq, monkeypatch):
     """Eval without autograd, bf16 NF4 Llama with an unmerged r=16 adapter: up to 16 rows the fused branch runs the
     decode kernels (4 lora_down and 7 lora_up_add_ per layer; 3x6 = 18 rows falls back), and its logits are as
     close to the same model in fp32 as the cuBLAS branch's and the reference path's. The base layers are the same
-    kernels in all three, so only the adapters' rounding differs."""
+    kernels in all three, so only the adapters' rounding differs; but one value rounded the other way changes every
+    bf16 rounding after it, so each error is a draw around the same size. One token's 512 logits made that draw
+    spread by 20 % (0.0173 against 0.0142 on an H200), hence the errors over 8 prompts of the same shape."""
     model = tiny_qlora().eval()
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.1)  # an adapter large enough that its rounding shows in the logits
-    ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(2)).to(CUDA)
     fused = set_lora_path(copy.deepcopy(model), "fused")
+    twin = fp32_twin(model)
+    outs = {"truth": [], "kernels": [], "cublas": [], "ref": []}
+    counter = CountDecodeOps()
     with torch.no_grad():
-        truth = fp32_twin(model)(ids).float()
-        ref = model(ids).float()
-        with CountDecodeOps() as counter:
-            kernels = fused(ids).float()
-        monkeypatch.setattr(lora_fused, "decode_kernels_apply", lambda x2, ps: False)
-        cublas = fused(ids).float()
-    n = 4 if batch * seq <= 16 else 0
+        for seed in range(8):
+            ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(CUDA)
+            outs["truth"].append(twin(ids).float())
+            outs["ref"].append(model(ids).float())
+            with counter:
+                outs["kernels"].append(fused(ids).float())
+            with monkeypatch.context() as patch:
+                patch.setattr(lora_fused, "decode_kernels_apply", lambda x2, ps: False)
+                outs["cublas"].append(fused(ids).float())
+    n = 8 * 4 if batch * seq <= 16 else 0
     assert counter.calls == {"lora_down": 4 * n, "lora_up_add_": 7 * n}
-    errs = {k: relative_error(v, truth) for k, v in (("kernels", kernels), ("cublas", cublas), ("ref", ref))}
+    truth = torch.cat(outs.pop("truth"))
+    errs = {k: relative_error(torch.cat(v), truth) for k, v in outs.items()}
     assert errs["ref"] < 5e-2 and errs["kernels"] <= 1.1 * max(errs["cublas"], errs["ref"]) + 1e-3, errs
 
 
