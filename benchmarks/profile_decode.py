@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_generate import LLAMA3_8B, PROMPT_LEN, TINY, minqlora_model
 from minqlora.decode import Decoder
 from minqlora.lora import add_lora
-from minqlora import lora_fused
+from minqlora import lora_fused, static_cache
 from minqlora.lora_fused import set_lora_path
 from minqlora.model import LlamaConfig
 from minqlora.proj_group import group_projections
@@ -68,7 +68,11 @@ def main() -> None:
                     "(the fused branch, as bench_generate.py)")
     ap.add_argument("--lora-kernels", choices=("on", "off"), help="with --lora: the few-row decode kernels "
                     "(ops.lora_down / lora_up_add_) or cuBLAS + addmm_ (default: lora_fused.DECODE_KERNELS)")
+    ap.add_argument("--no-rope-cache", action="store_true", help="rotary embedding and KV-cache writes as two RoPE "
+                    "launches and two index_copy_ (static_cache.rope_kv_cache_ref) instead of ops.rope_kv_cache")
     args = ap.parse_args()
+    if args.no_rope_cache:
+        static_cache.rope_kv_cache_applies = lambda *a: False
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -101,7 +105,9 @@ def main() -> None:
             per_name[ev.name].append(ev.device_time)
     rows = sorted(((sum(t) / args.steps, len(t) / args.steps, n) for n, t in per_name.items()), reverse=True)
     total = sum(r[0] for r in rows)
-    what = (f", LoRA r=16 (decode kernels {'on' if lora_fused.DECODE_KERNELS else 'off'})" if args.lora else "") + (", projections ungrouped" if args.no_group else "")
+    what = ((f", LoRA r=16 (decode kernels {'on' if lora_fused.DECODE_KERNELS else 'off'})" if args.lora else "")
+            + (", projections ungrouped" if args.no_group else "")
+            + (", RoPE + index_copy_" if args.no_rope_cache else ""))
     print(f"batch {args.batch}, {cfg.num_hidden_layers} layers{what}: graph replay {graph_us:.1f} us a step "
           f"({1e6 / graph_us * args.batch:.1f} tok/s); kernels of the eager step sum to {total:.1f} us "
           f"({total / graph_us:.0%} of the replay)")

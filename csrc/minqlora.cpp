@@ -55,6 +55,9 @@ TORCH_LIBRARY(minqlora, m) {
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps) -> Tensor");
   // fused.apply_rope: x (B, heads, S, D), cos / sin (B or 1, S, D); transpose: fused._rope_backward's adjoint.
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool transpose=False) -> Tensor");
+  // static_cache.rope_kv_cache_ref: rope of q and k, then k and v written into the caches at slots; returns q.
+  m.def("rope_kv_cache(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor slots) -> Tensor");
   // fused.swiglu: silu(gate) * up, and fused._swiglu_backward: (d gate, d up).
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");

@@ -201,6 +201,11 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def rope_update(self, layer: int, q, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rotated q, *update(layer, rotated k, v)): what Attention runs with a cache."""
+        q, k = fused.call(rope_qk, q, k, cos, sin)
+        return (q, *self.update(layer, k, v))
+
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
@@ -220,9 +225,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = fused.call(rope_qk, q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, S, hd): S = past + T, or max_len if static
+        if cache is None:
+            q, k = fused.call(rope_qk, q, k, cos, sin)
+        else:  # rotary on q and k, then k and v into the cache: (B, kv_heads, S, hd), S = past + T or max_len if static
+            q, k, v = cache.rope_update(self.layer_idx, q, k, v, cos, sin)
         # mask None means plain causal over q and k of equal length (lets SDPA pick flash/efficient kernels).
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,

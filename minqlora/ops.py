@@ -85,6 +85,11 @@ def _(x, cos, sin, transpose=False):
     return torch.empty_like(x)
 
 
+@torch.library.register_fake("minqlora::rope_kv_cache")
+def _(q, k, v, cos, sin, k_cache, v_cache, slots):
+    return torch.empty_like(q)  # k_cache and v_cache change in place (Tensor(a!) in the schema)
+
+
 @torch.library.register_fake("minqlora::swiglu")
 def _(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
@@ -291,6 +296,14 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per
         raise ValueError(f"gemv_4bit needs in_features ({state.shape[-1]}) to be a multiple of 32 and of the "
                          f"blocksize ({state.blocksize}); gemm_4bit handles the rest")
     return _ops.gemv_4bit(x, quant.packed_bytes(packed), *_state_args(state), rows_per_cta, kernels[kernel])
+
+
+def rope_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """static_cache.rope_kv_cache_ref in one CUDA launch: returns q rotated, writes rotated k and v into the caches
+    at `slots` along dim 2. CUDA only (StaticKVCache.rope_update calls it where it applies); the checks are the
+    kernel's own (RuntimeError naming the argument): this runs once per layer per decode step."""
+    return _ops.rope_kv_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

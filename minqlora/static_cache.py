@@ -10,6 +10,11 @@ runs over all max_len slots, with a mask that hides slots not yet written and le
     written              (B, max_len) bool: slots holding a real token (False: left padding, or not yet written)
     next_position        (B,) long: each row's count of real tokens, the rotary position of its next one
 
+rope_update is what Attention calls with a cache: the rotary embedding of q and k, then update. On a GPU (the fused
+ops on, the extension's kernels built, autograd off, one dtype) that is one kernel, ops.rope_kv_cache, where it was
+four: two RoPE launches and two index_copy_ (about 8.6 µs of each decoder layer's 28 µs outside the matmuls when
+decoding the 8B shape at batch 1 on an H200, benchmarks/README.md). rope_kv_cache_ref below is its spec.
+
 Leaves out: the decoding loop (decode.py) and the readable cache (model.KVCache). Positions past max_len are not
 checked here (that would be a host sync); decode.py checks lengths before it starts.
 """
@@ -17,6 +22,30 @@ checked here (that would be a host sync); decode.py checks lengths before it sta
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from minqlora import fused, ops
+from minqlora.fused import rope_qk
+
+
+def rope_kv_cache_ref(q, k, v, cos, sin, k_cache, v_cache, slots) -> torch.Tensor:
+    """q, k (B, heads, T, D) rotated (fused.rope_qk); the rotated k and v written into k_cache / v_cache
+    (B, kv_heads, S, D) at slots (T,) along dim 2; returns the rotated q. What ops.rope_kv_cache computes."""
+    q, k = fused.call(rope_qk, q, k, cos, sin)
+    k_cache.index_copy_(2, slots, k)
+    v_cache.index_copy_(2, slots, v)
+    return q
+
+
+def rope_kv_cache_applies(q, k, v, cos, sin, cache_dtype) -> bool:
+    """Whether ops.rope_kv_cache may stand in for rope_kv_cache_ref: CUDA tensors on the fused path's extension
+    backend (where fused.call would run ops.rope), autograd off, every tensor of one dtype, outside torch.compile
+    (which traces the reference) and dispatch modes (which must see each aten op)."""
+    # is_compiling first: under torch.compile the rest is not traced (has_extension_kernels imports)
+    return (not torch.compiler.is_compiling() and q.is_cuda and "cuda" in fused.fused_devices()
+            and fused.current_backend() == "extension" and fused.has_extension_kernels()
+            and not torch.is_grad_enabled() and _get_current_dispatch_mode() is None
+            and all(t.dtype == cache_dtype for t in (q, k, v, cos, sin)))
 
 
 class StaticKVCache:
@@ -78,3 +107,15 @@ class StaticKVCache:
         self.keys[layer].index_copy_(2, self.slots, k)
         self.values[layer].index_copy_(2, self.slots, v)
         return self.keys[layer], self.values[layer]
+
+    def rope_update(self, layer: int, q, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rotated q, keys, values) of layer after writing the rotated k and v (module docstring): q, k, v
+        (B, heads, T, hd), cos / sin (B or 1, T, hd)."""
+        if k.dtype != self.dtype:
+            raise ValueError(f"StaticKVCache holds {self.dtype} but layer {layer} produced {k.dtype} keys")
+        kc, vc = self.keys[layer], self.values[layer]
+        if rope_kv_cache_applies(q, k, v, cos, sin, self.dtype):
+            q = ops.rope_kv_cache(q, k, v, cos, sin, kc, vc, self.slots)
+        else:
+            q = rope_kv_cache_ref(q, k, v, cos, sin, kc, vc, self.slots)
+        return q, kc, vc

@@ -5,6 +5,8 @@
 //   rope_kernel               -> fused.apply_rope          one thread per rotated pair (x_j, x_{j+D/2}), any strides;
 //   rope_vec_kernel                                        VEC pairs per thread where the head dim is dense;
 //                                fused._rope_backward      both with transpose set: the rotation's adjoint
+//   rope_kv_cache_kernel      -> static_cache.rope_kv_cache_ref  decoding: q rotated, k rotated and v written into
+//                                the static KV cache at the step's slots, one launch for what took four
 //   swiglu_kernel             -> fused.swiglu              grid-stride, VEC elements per thread
 //   swiglu_backward_kernel    -> fused._swiglu_backward
 // Forward kernels round each intermediate to T where eager PyTorch writes one T tensor per op (x·rsqrt cast to T
@@ -185,6 +187,60 @@ __global__ void __launch_bounds__(256) rope_vec_kernel(const T* __restrict__ x, 
     }
     store_pack<T, VEC>(out + oo, o1);
     store_pack<T, VEC>(out + oo + half, o2);
+  }
+}
+
+// Sizes and element strides for rope_kv_cache_kernel: q (B, HQ, T, D), k and v (B, HKV, T, D) and q_out (q's
+// sizes) any strides; cos / sin (B or 1, T, D) (stride 0 where broadcast); the caches (B, HKV, S, D).
+struct RopeCacheShape {
+  int64_t b, hq, hkv, t, d;
+  int64_t qs[4], ks[4], vs[4], os[4], kcs[4], vcs[4], cs[3], ss[3];
+};
+
+// One thread per pair (x_j, x_{j+D/2}) of q, then of k, then of v (which is copied, not rotated): q's pairs rotated
+// into q_out, k's into k_cache and v's into v_cache at slot slots[t] of token t. The rotation is rope_pair's, so q
+// and the cached k are bit for bit what rope_kernel / rope_vec_kernel and index_copy_ write. At decode (T = 1, the
+// 8B shape) that is 3,072 threads, one launch where two ropes and two index_copy_ calls took four (about 8.6 µs of
+// a layer on the H200, benchmarks/README.md).
+template <typename T>
+__global__ void __launch_bounds__(256) rope_kv_cache_kernel(const T* __restrict__ q, const T* __restrict__ k,
+                                                            const T* __restrict__ v, const T* __restrict__ cos,
+                                                            const T* __restrict__ sin, T* __restrict__ q_out,
+                                                            T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                                            const int64_t* __restrict__ slots, RopeCacheShape sh) {
+  const int64_t half = sh.d / 2, nq = sh.b * sh.hq * sh.t * half, nk = sh.b * sh.hkv * sh.t * half;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < nq + 2 * nk;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int part = i < nq ? 0 : i < nq + nk ? 1 : 2;  // q, k, v
+    const int64_t e = part == 0 ? i : part == 1 ? i - nq : i - nq - nk;
+    const int64_t heads = part == 0 ? sh.hq : sh.hkv;
+    const int64_t j = e % half, row = e / half;
+    const int64_t t = row % sh.t, bh = row / sh.t;
+    const int64_t hd = bh % heads, b = bh / heads;
+    const int64_t* xs = part == 0 ? sh.qs : part == 1 ? sh.ks : sh.vs;
+    const T* x = part == 0 ? q : part == 1 ? k : v;
+    const int64_t xo = b * xs[0] + hd * xs[1] + t * xs[2];
+    const float x1 = load_f32(x[xo + j * xs[3]]), x2 = load_f32(x[xo + (j + half) * xs[3]]);
+    T* out;
+    const int64_t* os;
+    int64_t pos;  // the row's position along dim 2 of out: t for q_out, its cache slot for k and v
+    if (part == 0) {
+      out = q_out, os = sh.os, pos = t;
+    } else {
+      out = part == 1 ? k_cache : v_cache, os = part == 1 ? sh.kcs : sh.vcs, pos = slots[t];
+    }
+    const int64_t oo = b * os[0] + hd * os[1] + pos * os[2];
+    if (part == 2) {
+      out[oo + j * os[3]] = x[xo + j * xs[3]];
+      out[oo + (j + half) * os[3]] = x[xo + (j + half) * xs[3]];
+      continue;
+    }
+    const int64_t co = b * sh.cs[0] + t * sh.cs[1], so = b * sh.ss[0] + t * sh.ss[1];
+    float o1, o2;
+    rope_pair<T>(x1, x2, load_f32(cos[co + j * sh.cs[2]]), load_f32(cos[co + (j + half) * sh.cs[2]]),
+                 load_f32(sin[so + j * sh.ss[2]]), load_f32(sin[so + (j + half) * sh.ss[2]]), false, o1, o2);
+    out[oo + j * os[3]] = store_as<T>(o1);
+    out[oo + (j + half) * os[3]] = store_as<T>(o2);
   }
 }
 

@@ -1,6 +1,6 @@
 // Torch glue of the layer kernels (layer_kernels.cuh): argument checks, allocation, a device guard, the current
 // stream, one launch per op. Implements rms_norm, rms_norm_backward, rope, swiglu and swiglu_backward (references
-// in minqlora/fused.py; schemas in csrc/minqlora.cpp). CUDA only: fused.py calls them for CUDA tensors alone.
+// in minqlora/fused.py) and rope_kv_cache (minqlora/static_cache.py); schemas in csrc/minqlora.cpp. CUDA only: fused.py calls them for CUDA tensors alone.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -131,6 +131,62 @@ at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return out;
 }
 
+// static_cache.rope_kv_cache_ref: q (B, HQ, T, D), k / v (B, HKV, T, D), cos / sin (B or 1, T, D), the caches
+// (B, HKV, S, D), slots (T,) int64 on the device (read by the kernel: no host sync, so a CUDA graph can hold it).
+// Returns q rotated (empty_like(q), as rope); writes rotated k and v into the caches. Slots are not range-checked
+// (that would be a host read); StaticKVCache claims them below max_len.
+at::Tensor rope_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                              const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                              const at::Tensor& slots) {
+  TORCH_CHECK(q.is_cuda(), "rope_kv_cache: q must be a CUDA tensor, got one on ", q.device());
+  TORCH_CHECK(q.dim() == 4 && q.size(3) % 2 == 0, "rope_kv_cache: q must be (B, heads, T, D) with D even, got ",
+              q.sizes());
+  for (const auto& [t, name] : std::initializer_list<std::pair<const at::Tensor*, const char*>>{{&k, "rope_kv_cache: k"},
+                                {&v, "rope_kv_cache: v"}, {&cos, "rope_kv_cache: cos"}, {&sin, "rope_kv_cache: sin"},
+                                {&k_cache, "rope_kv_cache: k_cache"}, {&v_cache, "rope_kv_cache: v_cache"}})
+    check_like(*t, q, name, "q");
+  const int64_t B = q.size(0), T = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(2) == T && k.size(3) == D && v.sizes() == k.sizes(),
+              "rope_kv_cache: k and v must both be (", B, ", kv_heads, ", T, ", ", D, "), got ", k.sizes(), " and ",
+              v.sizes());
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->dim() == 3 && (t->size(0) == B || t->size(0) == 1) && t->size(1) == T && t->size(2) == D,
+                "rope_kv_cache: cos and sin must be (", B, " or 1, ", T, ", ", D, "), got ", t->sizes());
+  }
+  for (const at::Tensor* c : {&k_cache, &v_cache}) {
+    TORCH_CHECK(c->dim() == 4 && c->size(0) == B && c->size(1) == k.size(1) && c->size(3) == D,
+                "rope_kv_cache: the caches must be (", B, ", ", k.size(1), ", max_len, ", D, "), got ", c->sizes());
+  }
+  TORCH_CHECK(slots.is_cuda() && slots.device() == q.device() && slots.scalar_type() == at::kLong &&
+                  slots.dim() == 1 && slots.size(0) == T,
+              "rope_kv_cache: slots must be (", T, ",) int64 on ", q.device(), ", got ", slots.sizes(), " ",
+              slots.scalar_type(), " on ", slots.device());
+  at::Tensor out = at::empty_like(q);
+  if (q.numel() == 0 && k.numel() == 0) return out;
+  const at::Tensor sl = slots.contiguous();
+  layer::RopeCacheShape sh{B, q.size(1), k.size(1), T, D, {}, {}, {}, {}, {}, {}, {}, {}};
+  for (int i = 0; i < 4; ++i) {
+    sh.qs[i] = q.stride(i), sh.ks[i] = k.stride(i), sh.vs[i] = v.stride(i), sh.os[i] = out.stride(i);
+    sh.kcs[i] = k_cache.stride(i), sh.vcs[i] = v_cache.stride(i);
+  }
+  for (int i = 0; i < 3; ++i) {
+    sh.cs[i] = cos.size(i) == 1 ? 0 : cos.stride(i);  // a batch of 1 broadcasts
+    sh.ss[i] = sin.size(i) == 1 ? 0 : sin.stride(i);
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int ctas = elementwise_ctas((q.numel() + 2 * k.numel()) / 2, q.get_device());
+  dispatch_cuda_float(q.scalar_type(), "rope_kv_cache: q", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    layer::rope_kv_cache_kernel<T><<<ctas, 256, 0, stream>>>(
+        static_cast<const T*>(q.data_ptr()), static_cast<const T*>(k.data_ptr()), static_cast<const T*>(v.data_ptr()),
+        static_cast<const T*>(cos.data_ptr()), static_cast<const T*>(sin.data_ptr()), static_cast<T*>(out.data_ptr()),
+        static_cast<T*>(k_cache.data_ptr()), static_cast<T*>(v_cache.data_ptr()), sl.data_ptr<int64_t>(), sh);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // The shared checks of the SwiGLU ops: tensors of gate's shape, dtype and device, made contiguous.
 void check_swiglu(const at::Tensor& gate, const at::Tensor& other, const char* name) {
   TORCH_CHECK(gate.is_cuda(), "swiglu: gate must be a CUDA tensor, got one on ", gate.device());
@@ -188,6 +244,7 @@ TORCH_LIBRARY_IMPL(minqlora, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("rms_norm_backward", &rms_norm_backward_cuda);
   m.impl("rope", &rope_cuda);
+  m.impl("rope_kv_cache", &rope_kv_cache_cuda);
   m.impl("swiglu", &swiglu_cuda);
   m.impl("swiglu_backward", &swiglu_backward_cuda);
 }
