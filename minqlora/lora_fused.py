@@ -31,9 +31,11 @@ set_lora_path(model, "reference") sends them back. What changes, and why:
   group's x·Aᵀ is one ops.lora_down launch and each member's h·Bᵀ is added into its base output by one
   ops.lora_up_add_ launch (csrc/cuda/lora_decode.cu), in place of a cuBLAS split-K GEMM with its reduction kernel
   (4.3 + 1.5 µs a call on the H200) and a cuBLAS addmm (2.6 µs): decoding the Llama-3-8B shape in a CUDA graph with
-  r=16 on all seven projections, those took 741 + 591 µs of a 5,025 µs token (3,475 µs merged). The up-projection
-  stays one launch per member: model.py calls q_proj, k_proj and v_proj one after another, and each member's base
-  output exists only once it is called.
+  r=16 on all seven projections, those took 741 + 591 µs of a 5,025 µs token (3,475 µs merged). model.py calls
+  q_proj, k_proj and v_proj one after another, so a member's base output normally exists only once it is called;
+  but where a proj_group.ProjectionGroup has computed the siblings' base outputs at the first call (a Decoder sets
+  those up), that first member's lora_up_add_ adds every sibling's term too (LoRAGroup._siblings): 4 up-launches
+  a decoder layer instead of 7.
 
 Dropout modes. "fused" keeps peft's math: each layer draws its own mask, so with dropout on the group's
 down-projections are separate matmuls over separately dropped inputs (one mask draw for the group); with dropout 0 or
@@ -165,11 +167,13 @@ class LoRAGroup:
         self._cast = None  # (dtype, params, versions, A (Σr, in), {id(member): B}): kept while autograd is off
         # decode kernels (decode_kernels_apply): (h (N, Σr) of the group, {id(member): its first column of h})
         self._decode: tuple[torch.Tensor, dict[int, int]] | None = None
+        # id(member) -> its base output that already holds its adapter's term (_siblings), until the member asks
+        self._added: dict[int, torch.Tensor] = {}
 
     def __getstate__(self) -> dict:
         # Copies (copy.deepcopy of a model) carry the members, never a half-taken h (its tensors belong to a graph)
         # nor the cast weights (they would be the original's, not the copy's).
-        return {**self.__dict__, "_x": None, "_h": {}, "_cast": None, "_decode": None}
+        return {**self.__dict__, "_x": None, "_h": {}, "_cast": None, "_decode": None, "_added": {}}
 
     def _weights(self, live: list[LoRALinear], dtype: torch.dtype, training: bool):
         """(A, Bs): the live members' A matrices concatenated, (Σr, in), and each B, in dtype; Bs is None when
@@ -202,6 +206,9 @@ class LoRAGroup:
     def forward(self, member: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """member's output y + s·dropout(x)·Aᵀ·Bᵀ, (..., out) in y's dtype; y = member.base_layer(x)."""
         grad, key = torch.is_grad_enabled(), id(member)
+        if self._added and self._added.get(key) is y:  # its term went in with a sibling's (_siblings)
+            del self._added[key]
+            return y
         if not (self._x is x and key in self._h and self._version == _version_of(x) and self._grad == grad):
             self._down(x, member.training)
         h, keep_scale = self._h.pop(key)  # (N, r)
@@ -219,14 +226,44 @@ class LoRAGroup:
             # batch 1 (H200, 8B shape: 203 µs of a 5.3 ms token).
             if decode is not None:  # few rows on CUDA: one small kernel in place of cuBLAS's addmm (module docstring)
                 full, first = decode
-                ops.lora_up_add_([y2], full, [b], [member.scaling * keep_scale], [first[id(member)]])
+                ys, bs, scales, offsets = [y2], [b], [member.scaling * keep_scale], [first[key]]
+                for m, ym, bm, sm in self._siblings(member, x, y2):
+                    ys.append(ym), bs.append(bm), scales.append(sm), offsets.append(first[id(m)])
+                ops.lora_up_add_(ys, full, bs, scales, offsets)
                 return y
             return y2.addmm_(h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)
         out = torch.addmm(y2, h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)  # y + s/(1-p) · h Bᵀ
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
+    def _siblings(self, member: LoRALinear, x: torch.Tensor, y2: torch.Tensor):
+        """[(m, its base output (N, out), its B, its scale)] for the live members other than `member` whose base
+        output for this x already exists, kept by their proj_group.ProjectionGroup (decoding: the group's first call
+        computes every member's), so that one ops.lora_up_add_ adds all their terms: per decoder layer 4 launches
+        instead of 7. Each such member's h is taken and its output remembered in _added, which it gets back as is
+        when it asks (forward). Outputs of another dtype or not dense, members whose base has no such output: left
+        to their own call."""
+        pg = member.base_layer.__dict__.get("group")
+        if pg is None or pg._x is not x:
+            return []
+        out = []
+        for m in self.members:
+            base = m.base_layer
+            ym = pg._y.get(id(base)) if m is not member and id(m) in self._h and base.__dict__.get("group") is pg \
+                else None
+            if ym is None or ym.dtype != y2.dtype or not ym.is_contiguous():
+                continue
+            h, keep_scale = self._h.pop(id(m))
+            kept = self._cast[4].get(id(m)) if self._cast is not None else None
+            bm = kept if kept is not None and kept.dtype == h.dtype else m.lora_B.weight.to(h.dtype)
+            self._added[id(m)] = ym
+            out.append((m, ym.view(-1, m.out_features), bm, m.scaling * keep_scale))
+        if not self._h:
+            self._x = self._decode = None
+        return out
+
     def _down(self, x: torch.Tensor, training: bool) -> None:
         """h = dropout(x)·Aᵀ for every unmerged member, kept in self._h."""
+        self._added = {}  # a new x: outputs of an earlier one are not asked for any more
         live = [m for m in self.members if not m.merged]
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in), N = all leading dims

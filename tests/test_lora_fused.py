@@ -23,6 +23,7 @@ from minqlora import dropout, lora_fused, ops, recompute
 from minqlora.fused import swiglu
 from minqlora.lora_fused import DECODE_MAX_ROWS, LoRAGroup, _DroppedDown, decode_kernels_apply, set_lora_path
 from minqlora.model import Llama, LlamaConfig
+from minqlora.proj_group import ProjectionGroup, group_projections
 from minqlora.sft import TrainConfig, train
 from minqlora.tokenizer import Tokenizer
 from test_sft_helpers import one_thread  # noqa: F401  (autouse fixture)
@@ -553,6 +554,33 @@ def test_decode_flow_through_the_ops_equals_the_fused_path(monkeypatch, merged_k
     assert counter.calls == {"lora_down": 4 * 2, "lora_up_add_": 7 * 2 - merged_k}
     assert torch.equal(got, want)
     assert all(m.group._decode is None for m in lora_modules(model).values() if not m.merged)  # nothing kept
+
+
+@pytest.mark.parametrize("merged_k", [False, True])
+def test_decode_adds_sibling_terms_in_one_launch(monkeypatch, merged_k):
+    """With projection groups (proj_group.py) computing q/k/v's and gate/up's base outputs at the first member's
+    call, that member's lora_up_add_ adds its siblings' terms too: 4 launches a layer instead of 7, the logits bit
+    for bit those of one launch per member (the decode flow forced on the CPU, as above), with or without a merged
+    member elsewhere in the model, and nothing left behind."""
+    model = set_lora_path(tiny_llama(quantize=True).eval(), "fused")
+    if merged_k:
+        model.model.layers[0].self_attn.k_proj.merge()
+    ids = IDS[:1, :5]
+    monkeypatch.setattr(lora_fused, "decode_kernels_apply", lambda x2, ps: not any(ps))
+    with torch.no_grad():
+        with CountDecodeOps() as counter:
+            want = model(ids)
+        assert counter.calls["lora_up_add_"] == 7 * 2 - merged_k
+        group_projections(model)
+        monkeypatch.setattr(ProjectionGroup, "applies", lambda self, x: True)
+        with CountDecodeOps() as counter:
+            got = model(ids)
+    # A merged 4-bit member's base becomes a float nn.Linear, so its block has no projection group: q and v add
+    # their terms one launch each there.
+    assert counter.calls == {"lora_down": 4 * 2, "lora_up_add_": 4 * 2 + merged_k}
+    assert torch.equal(got, want)
+    groups = {id(m.group): m.group for m in lora_modules(model).values() if not m.merged}.values()
+    assert all(not g._added and not g._h and g._decode is None for g in groups)
 
 
 # -- training: the first 20 steps -----------------------------------------------------------------------------------
