@@ -10,9 +10,9 @@ runs over all max_len slots, with a mask that hides slots not yet written and le
     written              (B, max_len) bool: slots holding a real token (False: left padding, or not yet written)
     next_position        (B,) long: each row's count of real tokens, the rotary position of its next one
 
-rope_update is what Attention calls with a cache: the rotary embedding of q and k, then update. On a GPU (the fused
-ops on, the extension's kernels built, autograd off, one dtype) that is one kernel, ops.rope_kv_cache, where it was
-four: two RoPE launches and two index_copy_ (about 8.6 µs of each decoder layer's 28 µs outside the matmuls when
+rope_update is what Attention calls with a cache: the rotary embedding of q and k, then the writes of k and v. On a
+GPU (the fused ops on, the extension's kernels built, autograd off, one dtype) that is one kernel,
+ops.rope_kv_cache, where it was four: two RoPE launches and two index_copy_ (about 8.6 µs of each decoder layer's 28 µs outside the matmuls when
 decoding the 8B shape at batch 1 on an H200, benchmarks/README.md). rope_kv_cache_ref below is its spec.
 
 Leaves out: the decoding loop (decode.py) and the readable cache (model.KVCache). Positions past max_len are not
@@ -100,17 +100,10 @@ class StaticKVCache:
         mask = causal & self.written[:, None, None, :]  # (B, 1, T, S)
         return position_ids, mask | (self.slot_ids[None, :] == self.slots[:, None])
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v (B, kv_heads, T, head_dim) written in place at the claimed slots; returns the whole (B, kv, S, hd).
-        if k.dtype != self.dtype:
-            raise ValueError(f"StaticKVCache holds {self.dtype} but layer {layer} produced {k.dtype} keys")
-        self.keys[layer].index_copy_(2, self.slots, k)
-        self.values[layer].index_copy_(2, self.slots, v)
-        return self.keys[layer], self.values[layer]
-
     def rope_update(self, layer: int, q, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rotated q, keys, values) of layer after writing the rotated k and v (module docstring): q, k, v
-        (B, heads, T, hd), cos / sin (B or 1, T, hd)."""
+        """(rotated q, keys, values) of layer after writing the rotated k and v in place at the claimed slots
+        (module docstring): q, k, v (B, heads, T, hd), cos / sin (B or 1, T, hd); keys and values the whole
+        (B, kv_heads, max_len, hd)."""
         if k.dtype != self.dtype:
             raise ValueError(f"StaticKVCache holds {self.dtype} but layer {layer} produced {k.dtype} keys")
         kc, vc = self.keys[layer], self.values[layer]
