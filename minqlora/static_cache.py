@@ -12,8 +12,9 @@ runs over all max_len slots, with a mask that hides slots not yet written and le
 
 rope_update is what Attention calls with a cache: the rotary embedding of q and k, then the writes of k and v. On a
 GPU (the fused ops on, the extension's kernels built, autograd off, one dtype) that is one kernel,
-ops.rope_kv_cache, where it was four: two RoPE launches and two index_copy_ (about 8.6 µs of each decoder layer's 28 µs outside the matmuls when
-decoding the 8B shape at batch 1 on an H200, benchmarks/README.md). rope_kv_cache_ref below is its spec.
+ops.rope_kv_cache, where it was four: two RoPE launches and two index_copy_ (about 8.6 µs of each decoder layer's
+28 µs outside the matmuls when decoding the 8B shape at batch 1 on an H200, benchmarks/README.md).
+rope_kv_cache_ref below is its spec.
 
 Leaves out: the decoding loop (decode.py) and the readable cache (model.KVCache). Positions past max_len are not
 checked here (that would be a host sync); decode.py checks lengths before it starts.
