@@ -66,6 +66,15 @@ at::Tensor gemm_4bit_autograd(const at::Tensor& x, const at::Tensor& packed, con
                               const c10::optional<at::Tensor>& nested_absmax,
                               const c10::optional<at::Tensor>& nested_map, double nested_offset, int64_t blocksize,
                               int64_t nested_blocksize, c10::string_view quant_type, c10::SymIntArrayRef shape) {
+  // No gradient wanted (decoding, eval, an input that needs none; the packed weight and its state never do): the
+  // op below autograd directly, without a Node and its saved state, whose building cost 2.1 µs of a 7.9 µs call
+  // on the CPU (no_grad, 32x64 weight, one thread). The output then needs no gradient either, as through apply.
+  if (!(at::GradMode::is_enabled() && x.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    static const auto gemm = op("minqlora::gemm_4bit");
+    return gemm.call(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize,
+                     quant_type, shape);
+  }
   return Gemm4bit::apply(x, packed, absmax, nested_absmax, nested_map, nested_offset, blocksize, nested_blocksize,
                          quant_type, shape);
 }

@@ -58,6 +58,24 @@ def test_gemm_forward_and_grad_input(dtype):
     torch.testing.assert_close(x.grad, g @ w_dq)
 
 
+def test_gemm_without_a_wanted_gradient_builds_no_graph():
+    """Where no gradient is wanted the autograd kernel (csrc/gemm_autograd.cpp) calls the op below autograd
+    directly: under no_grad and for an input that needs none, y has no grad_fn and equals the graph-building
+    call's y bit for bit; with x needing one, the gradient still flows."""
+    w = _weight((48, 64), torch.float32)
+    packed, state = mq.quantize_4bit(w, 64, "nf4", double_quant=True)
+    x = torch.randn(2, 64)
+    with_graph = mq.gemm_4bit(x.requires_grad_(), packed, state)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        y = mq.gemm_4bit(x, packed, state)
+    assert y.grad_fn is None and not y.requires_grad and torch.equal(y, with_graph.detach())
+    y = mq.gemm_4bit(x.detach(), packed, state)
+    assert y.grad_fn is None and torch.equal(y, with_graph.detach())
+    with_graph.sum().backward()
+    torch.testing.assert_close(x.grad, mq.dequantize_4bit(packed, state, torch.float32).sum(0).expand(2, 64))
+
+
 def test_compile_fullgraph_matches_eager():
     w = _weight((64, 128), torch.bfloat16)
 
