@@ -213,10 +213,8 @@ class LoRAGroup:
             self._down(x, member.training)
         h, keep_scale = self._h.pop(key)  # (N, r)
         decode = self._decode
-        if not self._h:
-            self._x = self._decode = None  # every member has its h: let x and h go
-        kept = self._cast[4].get(key) if self._cast is not None and not grad else None
-        b = kept if kept is not None and kept.dtype == h.dtype else member.lora_B.weight.to(h.dtype)  # (out, r)
+        self._let_go_when_taken()
+        b = self._b(member, h.dtype, grad)  # (out, r)
         y2 = y.reshape(-1, member.out_features)  # (N, out)
         if y2.dtype != h.dtype:  # casts only where needed: a no-op .to() costs a dispatch too (module docstring)
             y2 = y2.to(h.dtype)
@@ -235,6 +233,15 @@ class LoRAGroup:
         out = torch.addmm(y2, h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)  # y + s/(1-p) · h Bᵀ
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
+    def _let_go_when_taken(self) -> None:
+        if not self._h:
+            self._x = self._decode = None  # every member has its h: let x and h go
+
+    def _b(self, member: LoRALinear, dtype: torch.dtype, grad: bool) -> torch.Tensor:
+        """member's B (out, r) in dtype: the kept cast (_weights) with autograd off, else a cast of the parameter."""
+        kept = self._cast[4].get(id(member)) if self._cast is not None and not grad else None
+        return kept if kept is not None and kept.dtype == dtype else member.lora_B.weight.to(dtype)
+
     def _siblings(self, member: LoRALinear, x: torch.Tensor, y2: torch.Tensor):
         """[(m, its base output (N, out), its B, its scale)] for the live members other than `member` whose base
         output for this x already exists, kept by their proj_group.ProjectionGroup (decoding: the group's first call
@@ -243,22 +250,19 @@ class LoRAGroup:
         when it asks (forward). Outputs of another dtype or not dense, members whose base has no such output: left
         to their own call."""
         pg = member.base_layer.__dict__.get("group")
-        if pg is None or pg._x is not x:
+        if pg is None:
             return []
         out = []
         for m in self.members:
             base = m.base_layer
-            ym = pg._y.get(id(base)) if m is not member and id(m) in self._h and base.__dict__.get("group") is pg \
-                else None
+            ym = (pg.pending(base, x) if m is not member and id(m) in self._h and base.__dict__.get("group") is pg
+                  else None)
             if ym is None or ym.dtype != y2.dtype or not ym.is_contiguous():
                 continue
             h, keep_scale = self._h.pop(id(m))
-            kept = self._cast[4].get(id(m)) if self._cast is not None else None
-            bm = kept if kept is not None and kept.dtype == h.dtype else m.lora_B.weight.to(h.dtype)
             self._added[id(m)] = ym
-            out.append((m, ym.view(-1, m.out_features), bm, m.scaling * keep_scale))
-        if not self._h:
-            self._x = self._decode = None
+            out.append((m, ym.view(-1, m.out_features), self._b(m, h.dtype, False), m.scaling * keep_scale))
+        self._let_go_when_taken()
         return out
 
     def _down(self, x: torch.Tensor, training: bool) -> None:

@@ -61,6 +61,11 @@ class ProjectionGroup:
                         for m in self.members)
                 and x.numel() <= GROUP_MAX_ROWS * first.in_features)
 
+    def pending(self, member: Linear4bit, x: torch.Tensor) -> torch.Tensor | None:
+        """member's output for x if the group has computed it and member has not taken it yet, else None (a
+        look, not a take: member's own call still gets it from forward)."""
+        return self._y.get(id(member)) if self._x is x else None
+
     def forward(self, member: Linear4bit, x: torch.Tensor) -> torch.Tensor | None:
         """member's output for x, or None when the group does not apply (member then runs its own forward)."""
         if self._x is x and id(member) in self._y:

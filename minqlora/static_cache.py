@@ -42,9 +42,9 @@ def rope_kv_cache_applies(q, k, v, cos, sin, cache_dtype) -> bool:
     """Whether ops.rope_kv_cache may stand in for rope_kv_cache_ref: CUDA tensors on the fused path's extension
     backend (where fused.call would run ops.rope), autograd off, every tensor of one dtype, outside torch.compile
     (which traces the reference) and dispatch modes (which must see each aten op)."""
-    # is_compiling first: under torch.compile the rest is not traced (has_extension_kernels imports)
+    # is_compiling first: under torch.compile the rest is not traced (current_backend's first call imports)
     return (not torch.compiler.is_compiling() and q.is_cuda and "cuda" in fused.fused_devices()
-            and fused.current_backend() == "extension" and fused.has_extension_kernels()
+            and fused.current_backend() == "extension"
             and not torch.is_grad_enabled() and _get_current_dispatch_mode() is None
             and all(t.dtype == cache_dtype for t in (q, k, v, cos, sin)))
 

@@ -220,7 +220,6 @@ __global__ void __launch_bounds__(256) rope_kv_cache_kernel(const T* __restrict_
     const int64_t* xs = part == 0 ? sh.qs : part == 1 ? sh.ks : sh.vs;
     const T* x = part == 0 ? q : part == 1 ? k : v;
     const int64_t xo = b * xs[0] + hd * xs[1] + t * xs[2];
-    const float x1 = load_f32(x[xo + j * xs[3]]), x2 = load_f32(x[xo + (j + half) * xs[3]]);
     T* out;
     const int64_t* os;
     int64_t pos;  // the row's position along dim 2 of out: t for q_out, its cache slot for k and v
@@ -237,7 +236,8 @@ __global__ void __launch_bounds__(256) rope_kv_cache_kernel(const T* __restrict_
     }
     const int64_t co = b * sh.cs[0] + t * sh.cs[1], so = b * sh.ss[0] + t * sh.ss[1];
     float o1, o2;
-    rope_pair<T>(x1, x2, load_f32(cos[co + j * sh.cs[2]]), load_f32(cos[co + (j + half) * sh.cs[2]]),
+    rope_pair<T>(load_f32(x[xo + j * xs[3]]), load_f32(x[xo + (j + half) * xs[3]]),
+                 load_f32(cos[co + j * sh.cs[2]]), load_f32(cos[co + (j + half) * sh.cs[2]]),
                  load_f32(sin[so + j * sh.ss[2]]), load_f32(sin[so + (j + half) * sh.ss[2]]), false, o1, o2);
     out[oo + j * os[3]] = store_as<T>(o1);
     out[oo + (j + half) * os[3]] = store_as<T>(o2);

@@ -1,6 +1,7 @@
 // Torch glue of the layer kernels (layer_kernels.cuh): argument checks, allocation, a device guard, the current
 // stream, one launch per op. Implements rms_norm, rms_norm_backward, rope, swiglu and swiglu_backward (references
-// in minqlora/fused.py) and rope_kv_cache (minqlora/static_cache.py); schemas in csrc/minqlora.cpp. CUDA only: fused.py calls them for CUDA tensors alone.
+// in minqlora/fused.py) and rope_kv_cache (minqlora/static_cache.py); schemas in csrc/minqlora.cpp. CUDA only:
+// fused.py and static_cache.py call them for CUDA tensors alone.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -141,9 +142,10 @@ at::Tensor rope_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k, const at
   TORCH_CHECK(q.is_cuda(), "rope_kv_cache: q must be a CUDA tensor, got one on ", q.device());
   TORCH_CHECK(q.dim() == 4 && q.size(3) % 2 == 0, "rope_kv_cache: q must be (B, heads, T, D) with D even, got ",
               q.sizes());
-  for (const auto& [t, name] : std::initializer_list<std::pair<const at::Tensor*, const char*>>{{&k, "rope_kv_cache: k"},
-                                {&v, "rope_kv_cache: v"}, {&cos, "rope_kv_cache: cos"}, {&sin, "rope_kv_cache: sin"},
-                                {&k_cache, "rope_kv_cache: k_cache"}, {&v_cache, "rope_kv_cache: v_cache"}})
+  using Named = std::pair<const at::Tensor*, const char*>;
+  for (const auto& [t, name] : std::initializer_list<Named>{
+           {&k, "rope_kv_cache: k"}, {&v, "rope_kv_cache: v"}, {&cos, "rope_kv_cache: cos"},
+           {&sin, "rope_kv_cache: sin"}, {&k_cache, "rope_kv_cache: k_cache"}, {&v_cache, "rope_kv_cache: v_cache"}})
     check_like(*t, q, name, "q");
   const int64_t B = q.size(0), T = q.size(2), D = q.size(3);
   TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(2) == T && k.size(3) == D && v.sizes() == k.sizes(),
