@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 import hf_baseline  # benchmarks/: the transformers + peft + bitsandbytes side
-from minqlora import fused
+from minqlora import checkpointing, fused
 from minqlora.data import Batch
 from minqlora.host_embedding import HostEmbedding, embed_on_device, embed_on_host
 from minqlora.host_layers import PREFETCH_LAYERS
@@ -75,6 +75,7 @@ class StepConfig:
     host_prefetch: int = PREFETCH_LAYERS  # a parked layer i comes back when the backward of layer i + this starts
     host_stride: int = 1  # the parked layers are 0, s, 2s, ... (1: the first host_layers)
     embed_on_host: bool = False  # the frozen embedding's table in pinned host memory (host_embedding.py)
+    skip_unused: bool = True  # offloaded recomputation skips o_proj / down_proj (checkpointing.SKIP_UNUSED_OUTPUTS)
 
 
 CONFIGS = (
@@ -155,6 +156,16 @@ CONFIGS = (
     StepConfig("none-host20-pf4", "none", False, 1024, host_layers=20, host_prefetch=4),
     StepConfig("none-host16-pf4+host-embed", "none", False, 1024, host_layers=16, host_prefetch=4, embed_on_host=True),
     StepConfig("full-keep26", "full", False, 1024, keep_last=26),
+    # The offloaded recomputation running o_proj and down_proj again (as before SKIP_UNUSED_OUTPUTS), against the
+    # default, in one run.
+    StepConfig("full+offload-host8-s4+host-embed+recompute-all", "full", True, 256, host_layers=8, host_stride=4,
+               host_prefetch=2, embed_on_host=True, skip_unused=False),
+    StepConfig("full+offload+host-embed+recompute-all", "full", True, 256, embed_on_host=True, skip_unused=False),
+    # 2 x 1024 (0.19 GB a layer, 5.2 GB for full+offload with the host embedding): the last 6 or 8 layers kept
+    # instead of recomputed, under Unsloth's 6.85 GB; that step is host-bound, and a kept layer skips its
+    # recomputation's host time too.
+    StepConfig("full+offload-keep6+host-embed", "full", True, 256, keep_last=6, embed_on_host=True),
+    StepConfig("full+offload-keep8+host-embed", "full", True, 256, keep_last=8, embed_on_host=True),
 )
 QUICK = ("none", "selective", "selective-keep4", "full", "full+offload", "full+offload+eager")
 
@@ -206,6 +217,7 @@ def minqlora_step(model, batch: Batch, device: torch.device, cfg: StepConfig):
     model.model.host_layer_range()  # a bad configuration fails here, not as a step's error
     place_embedding(model, cfg.embed_on_host, device)
     model.model.host_stats = None
+    checkpointing.SKIP_UNUSED_OUTPUTS = cfg.skip_unused
     params = [p for p in model.parameters() if p.requires_grad]
     n = batch.num_label_tokens
     return optimizer_step(lambda: token_loss_sum(model, batch, device, bf16=True, loss_chunk=cfg.loss_chunk) / n,
@@ -304,7 +316,8 @@ def run_shape(shape: str, config, batches, device, configs, sides, warmup, steps
                              "loss_chunk": cfg.loss_chunk, "keep_last": cfg.keep_last,
                              "recompute_inputs": cfg.recompute_inputs, "host_layers": model.model.host_layers,
                              "host_stride": cfg.host_stride, "host_prefetch": cfg.host_prefetch,
-                             "embed_on_host": cfg.embed_on_host, "parked_gb": parked_gb(model)})
+                             "embed_on_host": cfg.embed_on_host, "skip_unused": cfg.skip_unused,
+                             "parked_gb": parked_gb(model)})
                 print(_line(rows[-1]), flush=True)
         del model
         fresh(device)

@@ -29,12 +29,14 @@ optimizer state (optim.py pages it), per-layer mode choices.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from .linear4bit import Linear4bit
 
 MODES = ("full", "selective", "none")
 # Elements of one (tokens, intermediate) tensor per piece of the offloaded MLP half (forward and recomputation):
@@ -42,6 +44,9 @@ MODES = ("full", "selective", "none")
 # still GEMMs large enough to run at full speed. (A fixed 16,384 tokens put 70B's pieces at 940 MB: the 48 GiB
 # cap of issue 9 ran out of memory at 16k tokens on the H200.)
 MLP_TILE_ELEMENTS = 16384 * 14336
+# The offloaded recomputation leaves o_proj's and down_proj's outputs unwritten (_outputs_unused); off: it runs
+# every projection again, for comparison (bench_step.py's "+recompute-all" configurations).
+SKIP_UNUSED_OUTPUTS = True
 
 
 def mlp_tile(intermediate_size: int) -> int:
@@ -161,8 +166,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fn, mode: str, tile: int, offloader: HostOffloader, anchor, x, *args):
+    def forward(ctx, fn, mode: str, tile: int, unused: tuple, offloader: HostOffloader, anchor, x, *args):
         ctx.fn, ctx.tile, ctx.offloader, ctx.slot = fn, tile, offloader, offloader.save(x)
+        # Layers whose outputs the recomputation leaves unwritten (_outputs_unused); none under selective caching,
+        # which wants the recomputation to replay the forward's ops one for one.
+        ctx.unused = unused if mode != "selective" else ()
         ctx.save_for_backward(*args)
         kind = x.device.type
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
@@ -182,7 +190,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, grad_y):
         args = ctx.saved_tensors
         x = ctx.offloader.load(ctx.slot)  # detached (save), so requires_grad_ below marks no tensor of the forward
-        need_x = ctx.needs_input_grad[5]  # the first layer's input needs no gradient
+        need_x = ctx.needs_input_grad[6]  # the first layer's input needs no gradient
         kind, autocast_on, autocast_dtype = ctx.autocast
         tokens = x.shape[0] * x.shape[1]  # x (B, T, H), as _run
         if ctx.tile and tokens > ctx.tile:
@@ -199,7 +207,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             for piece, grad, rows in pieces:
                 piece = piece.detach().requires_grad_(need_x)
                 with torch.enable_grad(), torch.autocast(kind, dtype=autocast_dtype, enabled=autocast_on), \
-                        ctx.cached or nullcontext():
+                        ctx.cached or nullcontext(), _outputs_unused(ctx.unused):
                     y = ctx.fn(piece, *args)
                 if y.requires_grad:  # LoRA gradients accumulate into .grad here, piece by piece
                     torch.autograd.backward(y, grad)
@@ -209,7 +217,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                     grad_x = piece.grad
         finally:
             _set_rng(states, x.device)
-        return (None,) * 5 + (grad_x,) + (None,) * len(args)
+        return (None,) * 6 + (grad_x,) + (None,) * len(args)
 
 
 def _drop(t):
@@ -236,9 +244,32 @@ def checkpoint_layer(layer, x: torch.Tensor, cos, sin, mask, *, mode: str = "ful
         raise ValueError("offloaded checkpoints do not combine with FSDP2 (--parallel fsdp2); use DDP or leave "
                          "offload_checkpoints off")
     anchor = offloader.anchor
-    x = _OffloadedCheckpoint.apply(layer.attention_block, mode, 0, offloader, anchor, x, cos, sin, mask)
+    o_proj, down_proj = (_frozen_4bit(m) if SKIP_UNUSED_OUTPUTS else () for m in layer.output_projections())
+    x = _OffloadedCheckpoint.apply(layer.attention_block, mode, 0, o_proj, offloader, anchor, x, cos, sin, mask)
     tile = mlp_tile(layer.mlp.down_proj.in_features)
-    return _OffloadedCheckpoint.apply(layer.mlp_block, "full", tile, offloader, anchor, x)
+    return _OffloadedCheckpoint.apply(layer.mlp_block, "full", tile, down_proj, offloader, anchor, x)
+
+
+def _frozen_4bit(module) -> tuple:
+    """(the Linear4bit under module,) — itself or a LoRALinear's base layer — or () for any other layer."""
+    base = getattr(module, "base_layer", module)
+    return (base,) if isinstance(base, Linear4bit) else ()
+
+
+@contextmanager
+def _outputs_unused(layers: tuple):
+    """Linear4bit.output_unused on `layers` for the length of the block. A half's recomputation needs every op's
+    saved inputs but not the value of its last projection, which only enters the residual sum. Skipping that GEMM
+    (and at many rows its weight's dequantization) saves o_proj + down_proj: 75.5M of the 218M weights of a
+    Llama-3-8B layer, so about 35 % of the recomputation's matmul FLOPs. The gradients are the same bits: backward
+    reads no forward value there."""
+    for m in layers:
+        m.output_unused = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.output_unused = False
 
 
 def _no_contexts():

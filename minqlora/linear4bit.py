@@ -24,6 +24,22 @@ from .quant import QuantState
 _STATE_BUFFERS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_nested_map")
 
 
+class _GradInputOnly(torch.autograd.Function):
+    """gemm_4bit's autograd node without its forward: y (..., out) is left unwritten, grad_x = grad_y · dequant(W)
+    as gemm_4bit's own backward computes it (csrc/gemm_autograd.cpp). For a recomputation whose output only enters a
+    sum (Linear4bit.output_unused): the o_proj and down_proj GEMMs of a checkpointed decoder layer, about a third of
+    its matmul FLOPs on the Llama-3-8B shape, plus their weights' dequantization at many rows."""
+
+    @staticmethod
+    def forward(ctx, x, args):  # x (..., in); args: ops.weight_args of the weight, shape (out, in) last
+        ctx.args = args  # the frozen buffers and scalars, not graph tensors: nothing to save_for_backward
+        return x.new_empty((*x.shape[:-1], args[-1][0]))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return torch.ops.minqlora.gemm_4bit_grad_input(grad_y, *ctx.args), None
+
+
 class Linear4bit(nn.Module):
     """y = x · dequant(W)ᵀ + b with W (out_features, in_features) frozen in 4 bits.
 
@@ -33,7 +49,12 @@ class Linear4bit(nn.Module):
     quantization. B = ceil(out·in / blocksize). The bias, if any, is an ordinary frozen Parameter.
     compute_dtype is the dtype the weight is dequantized to and the matmul runs in; the output is cast back to the
     input's dtype.
+    output_unused: set (by checkpointing.py, for the length of a recomputation) when whatever reads this layer's
+    output needs no value from it, only the graph through it: forward then leaves y unwritten and backward still
+    gives x its gradient.
     """
+
+    output_unused = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
@@ -125,7 +146,11 @@ class Linear4bit(nn.Module):
         # Casts only where the dtypes differ: a no-op .to() still costs a dispatch (~1.5 µs on the CPU), and under
         # autocast x is already in compute_dtype.
         dtype = x.dtype
-        y = ops.gemm_4bit_args(x if dtype == self.compute_dtype else x.to(self.compute_dtype), self._op_args())
+        xc = x if dtype == self.compute_dtype else x.to(self.compute_dtype)
+        if self.output_unused and torch.is_grad_enabled():
+            y = _GradInputOnly.apply(xc, self._op_args())
+        else:
+            y = ops.gemm_4bit_args(xc, self._op_args())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y if y.dtype == dtype else y.to(dtype)

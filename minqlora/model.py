@@ -266,6 +266,11 @@ class DecoderLayer(nn.Module):
     def attention_block(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None = None):
         return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
 
+    def output_projections(self) -> tuple[nn.Module, nn.Module]:
+        """(o_proj, down_proj): the last op of each residual half, whose outputs go only into the residual sums above,
+        so a recomputation for backward needs their inputs and not their outputs (checkpointing.py)."""
+        return self.self_attn.o_proj, self.mlp.down_proj
+
     def mlp_block(self, x):
         # Position-wise: any split of the tokens gives the same result (checkpointing.py tiles long sequences).
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -50,6 +50,45 @@ def test_modes_give_the_same_loss_and_gradients(lora_model, mode, offload, keep_
         assert torch.equal(grads[name], ref[name]), name
 
 
+def test_offloaded_recomputation_skips_the_halves_last_projections(lora_model, monkeypatch):
+    # o_proj's and down_proj's outputs only enter the residual sums, so backward's recomputation runs 5 of a layer's 7
+    # 4-bit GEMMs (q, k, v, gate, up) and still gives all 7 their input gradients, the same bits as running all 7.
+    ops = torch.ops.minqlora
+    calls = []
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (ops.gemm_4bit.default, ops.gemm_4bit_grad_input.default):
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.randint(0, lora_model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+
+    def backward_calls():
+        lora_model.gradient_checkpointing, lora_model.model.offload_checkpoints = "full", True
+        lora_model.model.keep_last_layers = 0
+        lora_model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lora_model.lm_head.weight.dtype == torch.bfloat16):
+            loss = lora_model(ids).float().square().mean()
+        calls.clear()
+        with Count():
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in lora_model.named_parameters() if p.requires_grad}
+        return calls.count(ops.gemm_4bit.default), calls.count(ops.gemm_4bit_grad_input.default), grads
+
+    layers = len(lora_model.model.layers)
+    forward, grad_input, grads = backward_calls()
+    # every input gradient but the first layer's q, k, v (the frozen embedding's output needs none)
+    assert (forward, grad_input) == (5 * layers, 7 * layers - 3)
+    monkeypatch.setattr(checkpointing, "SKIP_UNUSED_OUTPUTS", False)  # recompute every projection
+    forward_all, grad_input_all, grads_all = backward_calls()
+    assert (forward_all, grad_input_all) == (7 * layers, 7 * layers - 3)
+    for name in grads_all:
+        assert torch.equal(grads[name], grads_all[name]), name
+    assert not any(m.output_unused for m in lora_model.modules() if hasattr(m, "output_unused"))
+
+
 def test_offload_tiles_the_mlp_half(monkeypatch):
     # Pieces of 16 tokens instead of 235M elements' worth: same loss and gradients as keeping everything (dropout 0: pieces draw
     # their masks in another order than one whole-tensor draw).
