@@ -200,6 +200,16 @@ def test_static_cache_logits_equal_dynamic_cache_and_full_recompute():
     assert static.written.sum(1).tolist() == [13, 9, 11]
 
 
+def test_static_cache_mask_is_additive_in_the_cache_dtype():
+    # What SDPA would make of the boolean mask, made once per forward: 0 = attend, -inf = not.
+    cache = StaticKVCache(1, 2, 1, 6, 4, torch.bfloat16, "cpu")
+    _, mask = cache.begin(torch.tensor([[0, 1, 1], [1, 1, 1]]), 3)
+    assert mask.dtype == torch.bfloat16 and mask.shape == (2, 1, 3, 6)
+    allowed = torch.tensor([[[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0]],  # slot 0 is padding
+                            [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]], dtype=torch.bool)
+    assert torch.equal(mask[:, 0] == 0, allowed) and torch.equal(mask[:, 0] == float("-inf"), ~allowed)
+
+
 @pytest.mark.parametrize("check_every", [1, 4, 32])
 def test_static_equals_eager_equals_full_recompute_left_padded(check_every):
     model = random_llama()
