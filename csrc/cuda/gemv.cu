@@ -5,6 +5,7 @@
 
 #include "gemv_kernels.cuh"
 #include "gemv_stream.cuh"
+#include "pdl.cuh"
 
 namespace minqlora {
 namespace cuda {
@@ -61,8 +62,7 @@ cudaError_t launch(const Args* w, int count, int rows_per_cta, cudaStream_t stre
   const Launch L = make_launch(w, count, rows_per_cta, &ctas);
   if (ctas == 0) return cudaSuccess;
   const dim3 grid(ctas, (w[0].M + 8 * NT - 1) / (8 * NT));
-  kernel<<<grid, kThreads, kTableBytes, stream>>>(L);
-  return cudaGetLastError();
+  return cuda::launch_pdl(kernel, grid, dim3(kThreads), kTableBytes, stream, cuda::pdl_applies(stream), L);
 }
 
 template <typename T, int NBPC, bool kGroup>
@@ -74,8 +74,7 @@ cudaError_t launch_stream(const Args* w, int count, int rows_per_cta, cudaStream
   int ctas = 0;
   const Launch L = make_launch(w, count, rows_per_cta, &ctas);
   if (ctas == 0) return cudaSuccess;
-  kernel<<<ctas, kThreads, smem, stream>>>(L);
-  return cudaGetLastError();
+  return cuda::launch_pdl(kernel, dim3(ctas), dim3(kThreads), smem, stream, cuda::pdl_applies(stream), L);
 }
 
 // One weight (count 1) or a group. A group runs in one launch up to 16 tokens; with more (the NT = 4 kernel, one CTA

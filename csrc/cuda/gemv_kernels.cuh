@@ -30,6 +30,7 @@
 #pragma once
 
 #include "gemv_common.cuh"
+#include "pdl.cuh"
 
 namespace minqlora {
 namespace cuda {
@@ -116,6 +117,7 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   int bx, wr_count;
   const Args a = member<kGroup>(L, bx, wr_count);
   build_table<T>(smem, a);
+  wait_prior_kernels();  // x may come from the kernel before (a no-op unless launched with PDL: pdl.cuh)
   __syncthreads();
   const float* map_s = reinterpret_cast<const float*>(smem + kTableWords);
 

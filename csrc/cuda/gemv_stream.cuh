@@ -13,6 +13,7 @@
 #pragma once
 
 #include "gemv_common.cuh"
+#include "pdl.cuh"
 
 namespace minqlora {
 namespace cuda {
@@ -127,12 +128,17 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
     return ok ? s_lane + (NBPC == 1 ? (c * kChunk) >> log2_bs : c * NBPC + 2 * slot) : s_lane;
   };
 
-  auto copy_chunk = [&](int c, int stage) {
+  // A chunk's copies in two parts: the frozen weights and scales, which a PDL prologue may request before the
+  // previous kernel is done (pdl.cuh), and x, which that kernel may still be writing.
+  auto copy_x = [&](int c, int stage) {
+    const int kc = c * kChunk;
+    copy8(ring_s + stage * SB + kStageX + 8 * lane, xsrc + kc, kc + 4 * lane < K);
+  };
+  auto copy_weights = [&](int c, int stage) {
     const uint32_t base = ring_s + stage * SB;
     const int kc = c * kChunk;
 #pragma unroll
     for (int h = 0; h < 2; ++h) copy16(base + wdst[h], wsrc[h] + int64_t(c) * 64, kc + 32 * t < K);
-    copy8(base + kStageX + 8 * lane, xsrc + kc, kc + 4 * lane < K);
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot) {
       bool ok;
@@ -146,6 +152,10 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
         copy4(dst + 128, a.absmax + idx, ok ? 4 : 0);
       }
     }
+  };
+  auto copy_chunk = [&](int c, int stage) {
+    copy_weights(c, stage);
+    copy_x(c, stage);
   };
 
   // Decode one chunk from its stage into out.
@@ -175,11 +185,15 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
     chunk_mma<T, NBPC, 1>(out, w, x, s_mine, tbl, lane4, g);
   };
 
-  // The first pair is requested before the table is built, so its latency overlaps the build.
-  if (c_begin < c_end) copy_chunk(c_begin, 0);
-  if (c_begin + 1 < c_end) copy_chunk(c_begin + 1, 1);
-  copy_commit();
+  // The first pair's weights are requested before the table is built, so their latency overlaps the build, and
+  // both before the wait for the previous kernel (a no-op unless launched with PDL); x after it. One commit group.
+  if (c_begin < c_end) copy_weights(c_begin, 0);
+  if (c_begin + 1 < c_end) copy_weights(c_begin + 1, 1);
   build_table<T>(smem, a);
+  wait_prior_kernels();
+  if (c_begin < c_end) copy_x(c_begin, 0);
+  if (c_begin + 1 < c_end) copy_x(c_begin + 1, 1);
+  copy_commit();
   __syncthreads();
 
   // Pairs of chunks in stages {0, 1} and {2, 3} by turns: pair c, c + 1 is decoded while c + 2, c + 3 (one commit

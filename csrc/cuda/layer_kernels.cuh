@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "float_io.cuh"
+#include "pdl.cuh"
 
 namespace minqlora {
 namespace layer {
@@ -64,6 +65,7 @@ __device__ __forceinline__ float2 block_sum2(float a, float b) {
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads) rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                T* __restrict__ y, int64_t h, float eps) {
+  cuda::allow_next_kernel();  // a PDL-launched GEMV after the norm may start its prologue (pdl.cuh)
   const T* xr = x + blockIdx.x * h;
   T* yr = y + blockIdx.x * h;
   float ss = 0.f;
@@ -251,6 +253,7 @@ __device__ __forceinline__ float silu_f32(float g) { return g / (1.f + expf(-g))
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) swiglu_kernel(const T* __restrict__ gate, const T* __restrict__ up,
                                                      T* __restrict__ out, int64_t n) {
+  cuda::allow_next_kernel();  // as rms_norm_kernel: down_proj's GEMV follows
   for (int64_t i = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) * VEC; i < n;
        i += (int64_t)gridDim.x * blockDim.x * VEC) {
     const Pack<T, VEC> g = load_pack<T, VEC>(gate + i), u = load_pack<T, VEC>(up + i);

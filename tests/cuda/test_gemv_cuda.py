@@ -219,6 +219,37 @@ def test_cuda_graph_replay():
     assert not torch.equal(out, want)
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_graph_with_pdl_waits_for_the_kernel_before(m):
+    # Captured, the fused kernels launch with PDL (csrc/cuda/pdl.cuh): they may start while the kernel before them
+    # runs and must read x only after it. Here x comes from a reduction over 16 MB (the slowest kernel before them,
+    # and the last to write x), the norm (which lets a PDL successor start early) and SwiGLU, fresh each replay.
+    packed, state = make(4096, 4096, 64, "nf4", True, seed=12)
+    group = [make(1024, 4096, 64, "nf4", True, seed=13 + i) for i in range(2)]
+    big = torch.randn(2048, m, 4096, device=DEV, dtype=torch.bfloat16)
+    w = torch.rand(4096, device=DEV, dtype=torch.bfloat16) + 0.5
+
+    def step():
+        x = big.sum(0)  # (m, K)
+        h = OPS.rms_norm(x, w, 1e-5)
+        ys = mq.gemm_4bit_group(h, group)
+        y = mq.gemm_4bit(OPS.swiglu(ys[0].repeat(1, 4), h), packed, state)
+        return [mq.gemm_4bit(x, packed, state), y, *ys]
+
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for seed in range(3):
+        big.copy_(torch.randn(big.shape, generator=torch.Generator(device=DEV).manual_seed(seed), device=DEV))
+        graph.replay()
+        for got, want in zip(outs, step()):  # eager: no PDL
+            assert torch.equal(got, want), seed
+
+
 # -- gemm_4bit_group: sibling weights in one launch --------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
