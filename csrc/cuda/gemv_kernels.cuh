@@ -118,6 +118,7 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   const Args a = member<kGroup>(L, bx, wr_count);
   build_table<T>(smem, a);
   wait_prior_kernels();  // x may come from the kernel before (a no-op unless launched with PDL: pdl.cuh)
+  allow_next_kernel();
   __syncthreads();
   const float* map_s = reinterpret_cast<const float*>(smem + kTableWords);
 

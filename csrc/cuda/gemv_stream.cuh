@@ -191,6 +191,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
   if (c_begin + 1 < c_end) copy_weights(c_begin + 1, 1);
   build_table<T>(smem, a);
   wait_prior_kernels();
+  allow_next_kernel();  // the next PDL kernel may launch now and wait for this one
   if (c_begin < c_end) copy_x(c_begin, 0);
   if (c_begin + 1 < c_end) copy_x(c_begin + 1, 1);
   copy_commit();

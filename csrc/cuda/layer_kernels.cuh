@@ -210,6 +210,8 @@ __global__ void __launch_bounds__(256) rope_kv_cache_kernel(const T* __restrict_
                                                             const T* __restrict__ sin, T* __restrict__ q_out,
                                                             T* __restrict__ k_cache, T* __restrict__ v_cache,
                                                             const int64_t* __restrict__ slots, RopeCacheShape sh) {
+  cuda::wait_prior_kernels();  // launched with PDL in a captured graph (pdl.cuh): q, k, v come from the GEMV before
+  cuda::allow_next_kernel();
   const int64_t half = sh.d / 2, nq = sh.b * sh.hq * sh.t * half, nk = sh.b * sh.hkv * sh.t * half;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < nq + 2 * nk;
        i += (int64_t)gridDim.x * blockDim.x) {

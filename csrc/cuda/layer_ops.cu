@@ -180,12 +180,12 @@ at::Tensor rope_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k, const at
   const int ctas = elementwise_ctas((q.numel() + 2 * k.numel()) / 2, q.get_device());
   dispatch_cuda_float(q.scalar_type(), "rope_kv_cache: q", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    layer::rope_kv_cache_kernel<T><<<ctas, 256, 0, stream>>>(
+    C10_CUDA_CHECK(cuda::launch_pdl(
+        layer::rope_kv_cache_kernel<T>, dim3(ctas), dim3(256), 0, stream, cuda::pdl_applies(stream),
         static_cast<const T*>(q.data_ptr()), static_cast<const T*>(k.data_ptr()), static_cast<const T*>(v.data_ptr()),
         static_cast<const T*>(cos.data_ptr()), static_cast<const T*>(sin.data_ptr()), static_cast<T*>(out.data_ptr()),
-        static_cast<T*>(k_cache.data_ptr()), static_cast<T*>(v_cache.data_ptr()), sl.data_ptr<int64_t>(), sh);
+        static_cast<T*>(k_cache.data_ptr()), static_cast<T*>(v_cache.data_ptr()), sl.data_ptr<int64_t>(), sh));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

@@ -17,6 +17,7 @@
 
 #include "float_io.cuh"
 #include "lora_decode_launch.h"
+#include "pdl.cuh"
 
 namespace minqlora {
 namespace cuda {
@@ -57,6 +58,8 @@ template <> __device__ __forceinline__ void to_f32x8<__half>(const uint4& v, flo
 template <typename T, int MT>
 __global__ void __launch_bounds__(kDownThreads)
     lora_down_kernel(const T* __restrict__ x, const T* __restrict__ a, T* __restrict__ h, int M, int K, int R) {
+  wait_prior_kernels();  // launched with PDL in a captured graph (pdl.cuh): only its launch overlaps the GEMV's end
+  allow_next_kernel();
   const int j = blockIdx.x;
   const int chunks = K >> 3;
   const uint4* arow = reinterpret_cast<const uint4*>(a) + static_cast<int64_t>(j) * chunks;
@@ -159,16 +162,19 @@ __global__ void __launch_bounds__(kUpThreads) lora_up_add_kernel(const UpLaunch 
   T* y = static_cast<T*>(w.y) + n;
   const T* brow = static_cast<const T*>(w.b) + static_cast<int64_t>(n) * r;
 
-  // The loads that need no h first: this thread's y values and the start of its B row.
-  float yv[MT];
-#pragma unroll
-  for (int m = 0; m < MT; ++m) yv[m] = live && m < M ? load_f32(y[m * w.ldy]) : 0.f;
+  // The loads that need no h first: the start of this thread's B row (before the wait for the kernels before it:
+  // B is fixed in a captured graph, pdl.cuh), then its y values.
   uint4 pre[kPreChunks] = {};
   if constexpr (kVec) {
 #pragma unroll
     for (int c = 0; c < kPreChunks; ++c)
       if (live && 8 * c < r) pre[c] = __ldg(reinterpret_cast<const uint4*>(brow) + c);
   }
+  wait_prior_kernels();
+  allow_next_kernel();
+  float yv[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) yv[m] = live && m < M ? load_f32(y[m * w.ldy]) : 0.f;
   // The member's slice of h, (M, r) as fp32 in shared memory: every thread reads all of it.
   __shared__ __align__(16) float hs[kLoraMaxRows * kLoraMaxRank];
   const T* h = static_cast<const T*>(L.args.h) + w.offset;
@@ -214,9 +220,9 @@ cudaError_t with_rows(int M, Launch&& launch) {
 template <typename T>
 cudaError_t down(const void* x, const void* a, void* h, int M, int K, int R, cudaStream_t stream) {
   return with_rows(M, [&](auto mt) {
-    lora_down_kernel<T, decltype(mt)::value><<<R, kDownThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(a), static_cast<T*>(h), M, K, R);
-    return cudaGetLastError();
+    return launch_pdl(lora_down_kernel<T, decltype(mt)::value>, dim3(R), dim3(kDownThreads), 0, stream,
+                      pdl_applies(stream), static_cast<const T*>(x), static_cast<const T*>(a), static_cast<T*>(h), M,
+                      K, R);
   });
 }
 
@@ -224,12 +230,9 @@ template <typename T>
 cudaError_t up(const UpLaunch& L, int ctas, bool vec, cudaStream_t stream) {
   return with_rows(L.args.M, [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
-    if (vec) {
-      lora_up_add_kernel<T, MT, true><<<ctas, kUpThreads, 0, stream>>>(L);
-    } else {
-      lora_up_add_kernel<T, MT, false><<<ctas, kUpThreads, 0, stream>>>(L);
-    }
-    return cudaGetLastError();
+    const bool pdl = pdl_applies(stream);
+    return vec ? launch_pdl(lora_up_add_kernel<T, MT, true>, dim3(ctas), dim3(kUpThreads), 0, stream, pdl, L)
+               : launch_pdl(lora_up_add_kernel<T, MT, false>, dim3(ctas), dim3(kUpThreads), 0, stream, pdl, L);
   });
 }
 
