@@ -101,6 +101,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # ΔW = 0 at the start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None and not self.merged and not torch.is_grad_enabled():
+            self.group.start(self, x)  # decoding on a GPU: x·Aᵀ alongside the base matmul (lora_fused.py)
         y = self.base_layer(x)  # (..., out) in the base's output dtype
         if self.merged:
             return y

@@ -35,7 +35,8 @@ set_lora_path(model, "reference") sends them back. What changes, and why:
   q_proj, k_proj and v_proj one after another, so a member's base output normally exists only once it is called;
   but where a proj_group.ProjectionGroup has computed the siblings' base outputs at the first call (a Decoder sets
   those up), that first member's lora_up_add_ adds every sibling's term too (LoRAGroup._siblings): 4 up-launches
-  a decoder layer instead of 7.
+  a decoder layer instead of 7. The group's lora_down needs only x, so LoRALinear.forward asks for it (start)
+  before the base projection, on a side stream: in a captured graph it runs beside the base GEMV.
 
 Dropout modes. "fused" keeps peft's math: each layer draws its own mask, so with dropout on the group's
 down-projections are separate matmuls over separately dropped inputs (one mask draw for the group); with dropout 0 or
@@ -169,11 +170,12 @@ class LoRAGroup:
         self._decode: tuple[torch.Tensor, dict[int, int]] | None = None
         # id(member) -> its base output that already holds its adapter's term (_siblings), until the member asks
         self._added: dict[int, torch.Tensor] = {}
+        self._ready: torch.cuda.Event | None = None  # h computed on the side stream (start), until awaited
 
     def __getstate__(self) -> dict:
         # Copies (copy.deepcopy of a model) carry the members, never a half-taken h (its tensors belong to a graph)
         # nor the cast weights (they would be the original's, not the copy's).
-        return {**self.__dict__, "_x": None, "_h": {}, "_cast": None, "_decode": None, "_added": {}}
+        return {**self.__dict__, "_x": None, "_h": {}, "_cast": None, "_decode": None, "_added": {}, "_ready": None}
 
     def _weights(self, live: list[LoRALinear], dtype: torch.dtype, training: bool):
         """(A, Bs): the live members' A matrices concatenated, (Σr, in), and each B, in dtype; Bs is None when
@@ -203,6 +205,18 @@ class LoRAGroup:
             cast = self._cast = (dtype, params, versions, cat_a(), {id(m): m.lora_B.weight.to(dtype) for m in live})
         return cast[3], cast[4]
 
+    def start(self, member: LoRALinear, x: torch.Tensor) -> None:
+        """Before member's base projection, with autograd off: where the decode kernels apply on a GPU, enqueue the
+        group's lora_down on a side stream now, so it runs beside the base GEMV instead of after it (in a captured
+        graph, two branches); forward waits for it. Nothing happens elsewhere, or when h for this x exists."""
+        key = id(member)
+        if not x.is_cuda or key in self._added or (self._x is x and key in self._h and
+                                                   self._version == _version_of(x) and not self._grad):
+            return
+        if decode_kernels_apply(x.reshape(-1, x.shape[-1]), [m.dropout if member.training else 0.0
+                                                             for m in self.members]):
+            self._down(x, member.training, side=True)
+
     def forward(self, member: LoRALinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """member's output y + s·dropout(x)·Aᵀ·Bᵀ, (..., out) in y's dtype; y = member.base_layer(x)."""
         grad, key = torch.is_grad_enabled(), id(member)
@@ -212,6 +226,9 @@ class LoRAGroup:
         if not (self._x is x and key in self._h and self._version == _version_of(x) and self._grad == grad):
             self._down(x, member.training)
         h, keep_scale = self._h.pop(key)  # (N, r)
+        if self._ready is not None:  # h is being computed on the side stream (start)
+            torch.cuda.current_stream(h.device).wait_event(self._ready)
+            self._ready = None
         decode = self._decode
         self._let_go_when_taken()
         b = self._b(member, h.dtype, grad)  # (out, r)
@@ -265,8 +282,9 @@ class LoRAGroup:
         self._let_go_when_taken()
         return out
 
-    def _down(self, x: torch.Tensor, training: bool) -> None:
-        """h = dropout(x)·Aᵀ for every unmerged member, kept in self._h."""
+    def _down(self, x: torch.Tensor, training: bool, side: bool = False) -> None:
+        """h = dropout(x)·Aᵀ for every unmerged member, kept in self._h; with side (start), the decode kernel's
+        launch on _side_stream, self._ready marking its end."""
         self._added = {}  # a new x: outputs of an earlier one are not asked for any more
         live = [m for m in self.members if not m.merged]
         dtype = compute_dtype(x)
@@ -279,7 +297,9 @@ class LoRAGroup:
         wants = self.recompute_inputs and torch.is_grad_enabled() and a.requires_grad
         recipe = recompute.recipe_of(x) if wants else None
         decode = decode_kernels_apply(x2, ps)  # implies no dropout and no recipe
-        if not any(ps) and recipe is None:
+        if decode and side:
+            h, self._ready = _on_side_stream(ops.lora_down, x2, a)
+        elif not any(ps) and recipe is None:
             h = ops.lora_down(x2, a) if decode else x2 @ a.t()  # no dropout: one matmul for the group
         elif not any(ps):
             h = _DroppedDown.apply(x2, a, 0, ps[:1], rs, 0, recipe)  # the same matmul, x not kept
@@ -290,6 +310,27 @@ class LoRAGroup:
         self._h = {id(m): (h, 1.0 / (1.0 - p)) for m, h, p in zip(live, hs, ps)}
         self._decode = (h, {id(m): sum(rs[:i]) for i, m in enumerate(live)}) if decode else None
         self._x, self._version, self._grad = x, _version_of(x), torch.is_grad_enabled()
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _on_side_stream(fn, x2: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """fn(x2, a) on the device's side stream, after the work queued so far on the current one: (its output, an
+    event after it). The lora_down of a group (a few µs a launch, ~2 % of the SMs' bandwidth beside a GEMV) then
+    overlaps the group's base GEMV, enqueued next, instead of following it."""
+    cur = torch.cuda.current_stream(x2.device)
+    side = _SIDE_STREAMS.get(x2.device)
+    if side is None:
+        side = _SIDE_STREAMS[x2.device] = torch.cuda.Stream(x2.device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        h = fn(x2, a)
+    ready = torch.cuda.Event()
+    ready.record(side)
+    x2.record_stream(side)  # x2's memory must outlive the side stream's read of it
+    h.record_stream(cur)  # h is read on the current stream
+    return h, ready
 
 
 def _version_of(x: torch.Tensor) -> int | None:
