@@ -161,6 +161,7 @@ CONFIGS = (
     StepConfig("full+offload-host8-s4+host-embed+recompute-all", "full", True, 256, host_layers=8, host_stride=4,
                host_prefetch=2, embed_on_host=True, skip_unused=False),
     StepConfig("full+offload+host-embed+recompute-all", "full", True, 256, embed_on_host=True, skip_unused=False),
+    StepConfig("full+offload+recompute-all", "full", True, 256, skip_unused=False),  # the 70B rows' configuration
     # 2 x 1024 (0.19 GB a layer, 5.2 GB for full+offload with the host embedding): the last 6 or 8 layers kept
     # instead of recomputed, under Unsloth's 6.85 GB; that step is host-bound, and a kept layer skips its
     # recomputation's host time too.
