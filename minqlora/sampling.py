@@ -10,6 +10,7 @@ Leaves out: the loops themselves (generate.py, decode.py) and model loading (che
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -86,6 +87,31 @@ def filter_logits(logits: torch.Tensor, config: GenerationConfig) -> torch.Tenso
     return logits
 
 
+@functools.lru_cache(maxsize=None)
+def _groups(v: int) -> int:
+    """The number of equal groups a row of v values is split into for argmax_rows: the largest divisor of v up
+    to 1,024 that leaves groups of at least 128 (1 where none: one pass). 128,256 (Llama-3): 1,002 groups of 128."""
+    return max((g for g in range(1, 1025) if v % g == 0 and v // g >= 128), default=1)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) of (B, V) x, the same index (the first maximum; a NaN counts as the maximum), in two passes on a
+    GPU: each of G groups' max and its index, then the first group holding the largest. PyTorch reduces a row in
+    one CTA: 27.3 µs for one row of 128,256 on an H200, 0.9 % of a decode step (profile_decode.py)."""
+    if not x.is_cuda or torch.compiler.is_compiling():  # inductor plans its own reduction
+        return x.argmax(-1)
+    g = _groups(x.shape[-1])
+    return argmax_in_groups(x, g) if g > 1 else x.argmax(-1)
+
+
+def argmax_in_groups(x: torch.Tensor, g: int) -> torch.Tensor:
+    """argmax_rows' two passes over (B, V) x in g groups (g divides V), on any device."""
+    b, v = x.shape
+    values, index = x.view(b, g, v // g).max(-1)  # (B, G): each group's first maximum
+    best = values.argmax(-1, keepdim=True)  # (B, 1): the first group holding the row's maximum
+    return (best * (v // g) + index.gather(-1, best)).squeeze(-1)
+
+
 def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits of the last position -> (B,) token ids.
@@ -97,7 +123,7 @@ def next_token(logits: torch.Tensor, config: GenerationConfig, generator: torch.
     """
     logits = logits.float()
     if not config.do_sample:
-        return logits.argmax(-1)  # ties go to the lowest id, as in transformers
+        return argmax_rows(logits)  # ties go to the lowest id, as in transformers
     probs = filter_logits(logits, config).softmax(-1)
     if noise is None:
         noise = torch.empty_like(probs).exponential_(generator=generator)

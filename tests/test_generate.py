@@ -16,6 +16,7 @@ from minqlora.decode import Decoder
 from minqlora.generate import GenerationConfig, IncrementalDecoder, filter_logits, generate, stream_text
 from minqlora.lora import add_lora, merge_lora
 from minqlora.model import KVCache, Llama
+from minqlora.sampling import _groups, argmax_in_groups
 from minqlora.static_cache import StaticKVCache
 from minqlora.tokenizer import Tokenizer
 from test_lora import quantize_projections, randomize_adapters
@@ -198,6 +199,20 @@ def test_static_cache_logits_equal_dynamic_cache_and_full_recompute():
             got_dynamic = model(steps[:, j:j + 1], attention_mask=grown, cache=dynamic)[:, -1]
     assert static.next_slot.tolist() == [13] and static.next_position.tolist() == [13, 9, 11]
     assert static.written.sum(1).tolist() == [13, 9, 11]
+
+
+def test_argmax_in_groups_equals_argmax_ties_and_nan_included():
+    # The first maximum wins, within a group and across groups; a NaN counts as the maximum (the first NaN wins).
+    assert (_groups(128256), _groups(128256 // 501), _groups(509)) == (1002, 2, 1)  # 509 is prime: one pass
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (6, 1002), generator=g).float()  # many ties: only 7 distinct values
+    x[1, 700] = x[1, 5] = 9.0  # ties in different groups
+    x[2, 40] = x[2, 41] = 9.0  # ties in one group
+    x[3, 900] = float("nan")
+    x[4, [300, 600]] = float("nan")
+    x[5] = float("-inf")
+    for groups in (2, 3, 6, 501):
+        assert torch.equal(argmax_in_groups(x, groups), x.argmax(-1)), groups
 
 
 def test_static_cache_mask_is_additive_in_the_cache_dtype():

@@ -128,3 +128,16 @@ def test_compile_tokens_agree_with_static():
     agree_until_near_tie(model, ids, mask, run(model, ids, mask, "compile", check_every=6), static, tol=0.25)
     model = model_on_gpu("nf4", torch.float32, lora=True)
     assert torch.equal(run(model, ids, mask, "compile", check_every=6), run(model, ids, mask, "static"))
+
+
+def test_argmax_rows_equals_argmax_on_the_gpu():
+    # The two-pass greedy pick (sampling.argmax_rows) on Llama-3's vocabulary, ties and NaN included.
+    from minqlora.sampling import argmax_rows
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(-50, 50, (8, 128256), generator=g, device="cuda").float()  # every row ties many times
+    x[1, [127000, 3]] = 99.0
+    x[2, [500, 501]] = 99.0
+    x[3, 90000] = float("nan")
+    x[4, [7, 100000]] = float("nan")
+    x[5] = float("-inf")
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
