@@ -22,11 +22,21 @@ using gemv::kWarps;
 // 8 / wr_count warps of a row tile) and at least 1.5 CTAs per SM remain. H200, M=1, one run: 14336x4096 (32 chunks)
 // at 16 rows per CTA 20.6 us, at 64 19.1; 28672x8192 (64 chunks) at 32 69.3, at 128 78.8; 8192x28672 and
 // 4096x14336 best at 16 (60.2 / 16.4 us; 32 rows 63.8 / 17.6). benchmarks/README.md (gemv).
+// The current device's SM count, asked once per device (an attribute query per launch is host time in every call).
+inline int sm_count() {
+  constexpr int kDevices = 64;
+  static int sms[kDevices] = {};
+  int dev = 0, n = 0;
+  cudaGetDevice(&dev);
+  int* slot = dev >= 0 && dev < kDevices ? &sms[dev] : &n;
+  if (*slot == 0 && cudaDeviceGetAttribute(slot, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    *slot = 132;  // the H200's; only the CTA shape depends on it
+  return *slot;
+}
+
 inline int row_tiles_per_cta(int tiles, int K, int rows_per_cta) {
   if (rows_per_cta != 0) return rows_per_cta / kTileRows;
-  int dev = 0, sms = 132;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = sm_count();
   const int chunks = (K + gemv::kChunk - 1) / gemv::kChunk;
   int wr = 1;
   while (2 * wr <= kWarps && chunks * 2 * wr <= 16 * kWarps && 2 * (tiles / (2 * wr)) >= 3 * sms) wr *= 2;
