@@ -283,8 +283,8 @@ class LoRAGroup:
         return out
 
     def _down(self, x: torch.Tensor, training: bool, side: bool = False) -> None:
-        """h = dropout(x)·Aᵀ for every unmerged member, kept in self._h; with side (start), the decode kernel's
-        launch on _side_stream, self._ready marking its end."""
+        """h = dropout(x)·Aᵀ for every unmerged member, kept in self._h; with side (start), the decode kernel
+        launched by _on_side_stream, self._ready marking its end."""
         self._added = {}  # a new x: outputs of an earlier one are not asked for any more
         live = [m for m in self.members if not m.merged]
         dtype = compute_dtype(x)

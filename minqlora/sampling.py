@@ -97,7 +97,8 @@ def _groups(v: int) -> int:
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) of (B, V) x, the same index (the first maximum; a NaN counts as the maximum), in two passes on a
     GPU: each of G groups' max and its index, then the first group holding the largest. PyTorch reduces a row in
-    one CTA: 27.3 µs for one row of 128,256 on an H200, 0.9 % of a decode step (profile_decode.py)."""
+    one CTA: 27.3 µs for one row of 128,256 on an H200, 0.9 % of a decode step; the two passes take 3.7 + 4.4 µs
+    (profile_decode.py)."""
     if not x.is_cuda or torch.compiler.is_compiling():  # inductor plans its own reduction
         return x.argmax(-1)
     g = _groups(x.shape[-1])
