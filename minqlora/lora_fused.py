@@ -210,8 +210,7 @@ class LoRAGroup:
         group's lora_down on a side stream now, so it runs beside the base GEMV instead of after it (in a captured
         graph, two branches); forward waits for it. Nothing happens elsewhere, or when h for this x exists."""
         key = id(member)
-        if not x.is_cuda or key in self._added or (self._x is x and key in self._h and
-                                                   self._version == _version_of(x) and not self._grad):
+        if not x.is_cuda or key in self._added or self._holds(key, x, False):
             return
         if decode_kernels_apply(x.reshape(-1, x.shape[-1]), [m.dropout if member.training else 0.0
                                                              for m in self.members]):
@@ -223,7 +222,7 @@ class LoRAGroup:
         if self._added and self._added.get(key) is y:  # its term went in with a sibling's (_siblings)
             del self._added[key]
             return y
-        if not (self._x is x and key in self._h and self._version == _version_of(x) and self._grad == grad):
+        if not self._holds(key, x, grad):
             self._down(x, member.training)
         h, keep_scale = self._h.pop(key)  # (N, r)
         if self._ready is not None:  # h is being computed on the side stream (start)
@@ -249,6 +248,10 @@ class LoRAGroup:
             return y2.addmm_(h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)
         out = torch.addmm(y2, h, b.t(), alpha=member.scaling * keep_scale).view(y.shape)  # y + s/(1-p) · h Bᵀ
         return out if out.dtype == y.dtype else out.to(y.dtype)
+
+    def _holds(self, key: int, x: torch.Tensor, grad: bool) -> bool:
+        """Whether member key's h for this very x (unchanged in place, the same grad mode) is kept, not yet taken."""
+        return self._x is x and key in self._h and self._version == _version_of(x) and self._grad == grad
 
     def _let_go_when_taken(self) -> None:
         if not self._h:
