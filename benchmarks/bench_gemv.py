@@ -10,7 +10,8 @@ For each shape (N, K) of a Llama projection and each row count M of x:
   kernel, so the GPU never waits for Python).
 - TB/s: the bytes a call must read (packed weight + scales for 4-bit, bf16 weight for F.linear, x once) over the
   kernel time, against a device-to-device copy measured in the same run (bytes read + written).
-"minqlora dq+mm" is minqlora's dequantize + F.linear (its path for many rows), for the crossover.
+"minqlora dq+mm" is minqlora's dequantize + F.linear (its path for many rows), for the crossover; "minqlora tiles"
+is gemm_4bit on the same bytes in the decode layout (minqlora/layout.py), the layout question of issue 7.
 
 Usage: python benchmarks/bench_gemv.py [--quick] [--shapes 14336x4096 ...] [--ms 1 16 ...] [--out results.json]
        [--png tbs.png]
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import minqlora as mq
-from minqlora import ops
+from minqlora import layout, ops
 
 matplotlib.use("Agg")
 
@@ -116,6 +117,8 @@ class Weights:
             self.mq[i] = (p, mq.QuantState(st.absmax.clone(), st.shape, st.dtype, st.blocksize, st.quant_type,
                                            st.nested_absmax.clone(), st.nested_map.clone(), st.nested_offset,
                                            st.nested_blocksize))
+        # the same bytes in the decode layout (minqlora/layout.py: 1 KB tiles read contiguously)
+        self.mq_tiles = [(layout.to_tiles(p, st.shape), st) for p, st in self.mq]
         bp, bs = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
         self.bnb = [(bp.clone(), bs) for _ in range(copies)]
         bf16_copies = max(2, -(-3 * L2_BYTES // (2 * n * k)))
@@ -139,6 +142,7 @@ def run_shape(n: int, k: int, ms, tbs: float) -> list[dict]:
         xb = 2 * m * k
         methods = {
             "minqlora": ([lambda p=p, s=s: mq.gemm_4bit(x, p, s) for p, s in W.mq], W.bytes_4bit),
+            "minqlora tiles": ([lambda p=p, s=s: mq.gemm_4bit(x, p, s) for p, s in W.mq_tiles], W.bytes_4bit),
             "minqlora dq+mm": ([lambda p=p, s=s: F.linear(x, mq.dequantize_4bit(p, s)) for p, s in W.mq],
                                W.bytes_4bit),
             "bitsandbytes": ([lambda p=p, s=s: bnb.matmul_4bit(x, p.t(), quant_state=s) for p, s in W.bnb],
@@ -154,11 +158,12 @@ def run_shape(n: int, k: int, ms, tbs: float) -> list[dict]:
             row[name] = {"graph_us": us, "eager_us": wall, "host_us": host, "TB/s": (nbytes + xb) / us / 1e6}
         # the fused kernels' CTA shapes, for the launcher's choice; at one token also the register-ring kernel, which
         # the streaming one replaces there
-        variants = [("auto", r) for r in (16, 32, 64, 128)] + ([("ring", r) for r in (0, 16, 64)] if m == 1 else [])
-        for kernel, r in variants if m <= 32 else ():
+        variants = [("auto", r, "") for r in (16, 32, 64, 128)] + [("auto", r, "tiles ") for r in (16, 32, 64, 128)]
+        variants += [("ring", r, "") for r in (0, 16, 64)] if m == 1 else []
+        for kernel, r, lay in variants if m <= 32 else ():
             calls = [lambda p=p, s=s, r=r, kn=kernel: ops.gemv_4bit(x, p, s, rows_per_cta=r, kernel=kn)
-                     for p, s in W.mq]
-            name = f"fused rows/CTA {r}" if kernel == "auto" else f"ring rows/CTA {r or 'auto'}"
+                     for p, s in (W.mq_tiles if lay else W.mq)]
+            name = f"fused {lay}rows/CTA {r}" if kernel == "auto" else f"ring rows/CTA {r or 'auto'}"
             row[name] = {"graph_us": graph_us(calls)}
         rows.append(row)
         print(f"{n}x{k} M={m}: " + ", ".join(f"{k_}: {v['graph_us']:.2f} us" for k_, v in row.items()
@@ -196,16 +201,18 @@ def print_table(rows: list[dict], tbs: float) -> None:
     print(f"\n==== gemm_4bit, NF4+DQ blocksize 64, bf16 x; kernel time (CUDA graph, weights beyond L2); copy {tbs:.2f} "
           f"TB/s ====")
     hdr = (f"{'N x K':>12} {'M':>3} | {'minqlora':>9} {'TB/s':>5} {'%copy':>5} | {'bnb':>8} {'bf16':>8} {'int4':>8} "
-           f"{'dq+mm':>8} | {'x bnb':>6} {'x bf16':>6} {'x int4':>6} | {'eager':>6} {'host':>5}")
+           f"{'dq+mm':>8} | {'x bnb':>6} {'x bf16':>6} {'x int4':>6} | {'eager':>6} {'host':>5} | {'tiles':>8} "
+           f"{'%copy':>5} {'x rows':>6}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        q = r["minqlora"]
+        q, t = r["minqlora"], r["minqlora tiles"]
         print(f"{r['N']:>6}x{r['K']:<5} {r['M']:>3} | {q['graph_us']:>8.2f}u {q['TB/s']:>5.2f} "
               f"{100 * q['TB/s'] / tbs:>4.0f}% | {r['bitsandbytes']['graph_us']:>7.2f}u {r['bf16']['graph_us']:>7.2f}u "
               f"{r['torch int4']['graph_us']:>7.2f}u {r['minqlora dq+mm']['graph_us']:>7.2f}u | "
               f"{r['bitsandbytes']['graph_us'] / q['graph_us']:>5.2f}x {r['bf16']['graph_us'] / q['graph_us']:>5.2f}x "
-              f"{r['torch int4']['graph_us'] / q['graph_us']:>5.2f}x | {q['eager_us']:>5.1f}u {q['host_us']:>4.1f}u")
+              f"{r['torch int4']['graph_us'] / q['graph_us']:>5.2f}x | {q['eager_us']:>5.1f}u {q['host_us']:>4.1f}u | "
+              f"{t['graph_us']:>7.2f}u {100 * t['TB/s'] / tbs:>4.0f}% {q['graph_us'] / t['graph_us']:>5.2f}x")
 
 
 def plot(rows: list[dict], tbs: float, path: str) -> None:

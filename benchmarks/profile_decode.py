@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench_generate import LLAMA3_8B, PROMPT_LEN, TINY, minqlora_model
 from minqlora.decode import Decoder
 from minqlora.lora import add_lora
-from minqlora import lora_fused, static_cache
+from minqlora import layout, lora_fused, static_cache
 from minqlora.lora_fused import set_lora_path
 from minqlora.model import LlamaConfig
 from minqlora.proj_group import group_projections
@@ -42,12 +42,15 @@ def graph_step_us(decoder: Decoder, step, steps: int) -> float:
     return statistics.median(times)
 
 
-def prefilled(model, ids, config, max_len: int, mode: str, ungroup: bool):
+def prefilled(model, ids, config, max_len: int, mode: str, ungroup: bool, rows: bool = False):
     """(Decoder, its step) in `mode`, the prompt prefilled and 3 steps run (graph capture, warm-up); ungroup undoes the
-    Decoder's projection groups before the step is made."""
+    Decoder's projection groups before the step is made, rows its decode layout (the weights back in bitsandbytes'
+    rows, layout.py)."""
     decoder = Decoder(model, ids.shape[0], max_len, mode)
     if ungroup:
         group_projections(model, False)
+    if rows:
+        layout.use_tiles(model, False)
     step = decoder._runner(config)
     decoder._reset()
     decoder._emit(last_logits(model, ids, None, decoder.cache), config)
@@ -64,6 +67,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a 2-layer, 256-wide model instead of the 8B shape")
     ap.add_argument("--no-group", action="store_true", help="undo the Decoder's projection groups (proj_group.py) "
                     "before capture: q/k/v and gate/up as separate launches, for comparison")
+    ap.add_argument("--rows", action="store_true", help="undo the Decoder's decode layout (layout.py) before capture: "
+                    "the weights in bitsandbytes' rows, for comparison")
     ap.add_argument("--lora", action="store_true", help="with an unmerged r=16 adapter on all seven projections "
                     "(the fused branch, as bench_generate.py)")
     ap.add_argument("--lora-kernels", choices=("on", "off"), help="with --lora: the few-row decode kernels "
@@ -88,11 +93,11 @@ def main() -> None:
     max_len = PROMPT_LEN + 3 * args.steps + 16
 
     with torch.inference_mode():
-        graphed, replay = prefilled(model, ids, config, max_len, "graph", args.no_group)
+        graphed, replay = prefilled(model, ids, config, max_len, "graph", args.no_group, args.rows)
         graph_us = graph_step_us(graphed, replay, args.steps)
         del graphed, replay
 
-        eager, step = prefilled(model, ids, config, max_len, "static", args.no_group)
+        eager, step = prefilled(model, ids, config, max_len, "static", args.no_group, args.rows)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
@@ -106,7 +111,7 @@ def main() -> None:
     rows = sorted(((sum(t) / args.steps, len(t) / args.steps, n) for n, t in per_name.items()), reverse=True)
     total = sum(r[0] for r in rows)
     what = ((f", LoRA r=16 (decode kernels {'on' if lora_fused.DECODE_KERNELS else 'off'})" if args.lora else "")
-            + (", projections ungrouped" if args.no_group else "")
+            + (", projections ungrouped" if args.no_group else "") + (", weights in rows" if args.rows else "")
             + (", RoPE + index_copy_" if args.no_rope_cache else ""))
     print(f"batch {args.batch}, {cfg.num_hidden_layers} layers{what}: graph replay {graph_us:.1f} us a step "
           f"({1e6 / graph_us * args.batch:.1f} tok/s); kernels of the eager step sum to {total:.1f} us "

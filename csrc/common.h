@@ -44,6 +44,16 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The decode layout (quant.tile_packed): packed (N/16, K/128, 16, 64) uint8, each 1 KB one chunk of 16 rows × 128
+// values, read by the fused GEMV with contiguous loads. Every other op takes bitsandbytes' row order, which
+// rows_order gives back (a copy, for tiles only).
+inline bool is_tiles(const at::Tensor& packed) {
+  return packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 64;
+}
+inline at::Tensor rows_order(const at::Tensor& packed) {
+  return is_tiles(packed) ? packed.permute({0, 2, 1, 3}).reshape({-1, 1}) : packed;
+}
+
 // Checks shared by every dequantize-like op (dequantize_4bit, gemm_4bit, gemm_4bit_grad_input); returns n.
 inline int64_t check_4bit_args(const at::Tensor& packed, const at::Tensor& absmax,
                                const c10::optional<at::Tensor>& nested_absmax,
@@ -58,6 +68,10 @@ inline int64_t check_4bit_args(const at::Tensor& packed, const at::Tensor& absma
   }
   TORCH_CHECK(packed.numel() == (n + 1) / 2, "packed has ", packed.numel(), " bytes but shape ", shape, " needs ",
               (n + 1) / 2);
+  TORCH_CHECK(!is_tiles(packed) || (shape.size() == 2 && shape[0] == 16 * packed.size(0) &&
+                                    shape[1] == 128 * packed.size(1)),
+              "packed in tiles ", packed.sizes(), " does not match the weight shape ", shape,
+              " (tiles are (N/16, K/128, 16, 64))");
   int64_t nb = ceil_div(n, blocksize);
   TORCH_CHECK(absmax.numel() == nb, "absmax has ", absmax.numel(), " values but ", nb, " blocks of ", blocksize,
               " are needed");

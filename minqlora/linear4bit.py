@@ -3,7 +3,9 @@
 The weight lives in plain buffers in bitsandbytes' layout and the module's state_dict() uses bitsandbytes' keys
 (bnb-format.md §4), so it goes straight to safetensors and loads in transformers + bitsandbytes. Every module owns
 its buffers (the double-quant map included), so a model's state_dict() has no two tensors sharing memory.
-The packed bytes may be held as a float16/bfloat16/float32 view (bitsandbytes' quant_storage, what FSDP1-era QLoRA
+For decoding on a GPU the bytes may be regrouped in place into layout.py's tiles (use_tiles; decode.Decoder does
+it), a permutation the kernels read directly and state_dict() undoes. The packed bytes may be held as a
+float16/bfloat16/float32 view (bitsandbytes' quant_storage, what FSDP1-era QLoRA
 checkpoints store); the kernels always see them viewed back as uint8. Forward is the
 differentiable gemm_4bit op: y = x · dequant(W)ᵀ + b, whose backward gives x its gradient and W none (QLoRA §3).
 Adapters (lora.py) and model loading (checkpoint.py) live elsewhere.
@@ -17,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ops, quant
+from . import layout, ops, quant
 from .quant import QuantState
 
 # Buffer names -> the suffix of bitsandbytes' state-dict key under "<prefix>weight".
@@ -120,6 +122,21 @@ class Linear4bit(nn.Module):
         self._buffers["weight_nested_map"] = None if state.nested_map is None else state.nested_map.clone()
         self._weight_args = None  # the scalars changed too (nested_offset, blocksize): rebuild (_op_args)
 
+    def use_tiles(self, tiles: bool = True) -> bool:
+        """Hold the packed bytes in the decode layout (layout.py: contiguous 1 KB chunks, 8-17 % faster fused GEMVs
+        at 4-16 rows on the H200) or back in bitsandbytes' rows. The buffer is replaced, not duplicated; the bytes and
+        every result stay the same, and state_dict() always saves rows. Only uint8 weights on a GPU whose shape tiles
+        (out_features % 16, in_features % 128) change; returns whether the weight is held in tiles now."""
+        w = self.weight
+        if tiles and (w.dtype != torch.uint8 or w.device.type != "cuda"
+                      or not layout.tiles_apply((self.out_features, self.in_features))):
+            return layout.is_tiles(w)
+        new = layout.to_tiles(w, (self.out_features, self.in_features)) if tiles else layout.to_rows(w)
+        if new is not w:
+            self._buffers["weight"] = new
+            self._weight_args = None  # they hold the old buffer
+        return tiles
+
     @property
     def quant_state(self) -> QuantState:
         return QuantState(absmax=self.weight_absmax, shape=torch.Size([self.out_features, self.in_features]),
@@ -202,7 +219,8 @@ class Linear4bit(nn.Module):
     # -- bitsandbytes state-dict keys -------------------------------------------------------------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        w = layout.to_rows(self.weight)  # a checkpoint holds bitsandbytes' bytes, whatever the layout in memory
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         for k, v in self.quant_state.to_bnb_dict(prefix + "weight").items():

@@ -388,12 +388,12 @@ class QuantState:
 
 
 def packed_bytes(t: torch.Tensor) -> torch.Tensor:
-    """Packed 4-bit weights as uint8 ((n+1)//2, 1). Some writers (bnb_4bit_quant_storage) store the bytes in a
+    """Packed 4-bit weights as uint8 ((n+1)//2, 1), or the 4-D tiles of layout.py as they are. Some writers (bnb_4bit_quant_storage) store the bytes in a
     float dtype: reinterpret the bytes, never convert the values."""
     if t.dtype != torch.uint8:
         t = t.contiguous().view(-1).view(torch.uint8)
-    elif t.dim() == 2 and t.shape[1] == 1:
-        return t  # already the layout (the usual case): no view to make
+    elif t.dim() == 2 and t.shape[1] == 1 or t.dim() == 4:
+        return t  # already the layout (the usual case), or the decode tiles (layout.py): no view to make
     return t.reshape(-1, 1)
 
 

@@ -170,12 +170,13 @@ struct AbsmaxDecoder {
   }
 };
 
-at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& absmax,
                                const c10::optional<at::Tensor>& nested_absmax,
                                const c10::optional<at::Tensor>& nested_map, double nested_offset, int64_t blocksize,
                                int64_t nested_blocksize, c10::string_view quant_type, c10::IntArrayRef shape,
                                at::ScalarType dtype) {
-  const int64_t n = check_4bit_args(packed, absmax, nested_absmax, nested_map, blocksize, nested_blocksize, shape);
+  const int64_t n = check_4bit_args(packed_in, absmax, nested_absmax, nested_map, blocksize, nested_blocksize, shape);
+  const at::Tensor packed = rows_order(packed_in).contiguous();
   const QuantType qt = parse_quant_type(std::string(quant_type));
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "dtype must be float32, float16 or bfloat16, got ", dtype);

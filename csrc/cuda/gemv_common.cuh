@@ -97,6 +97,21 @@ __device__ __forceinline__ constexpr int word_offset(int q, int t) {
   return (q / (4 / NBPC)) * (64 / NBPC) + t * (16 / NBPC) + 4 * (q % (4 / NBPC));
 }
 
+// Lane pointer to row r (0..15) of row tile `tile` at chunk 0, `off` bytes into the row's 64 bytes of a chunk, and
+// (stride) the step from one 128-value chunk to the next. Rows: bitsandbytes' bytes, row n at n·K/2 (past N, row
+// N - 1: valid memory, its outputs dropped at the store), chunks 64 bytes apart; a warp's 16-byte loads cover 64
+// bytes of each of 8 rows, which HBM serves at 2.6-3.0 TB/s against 4.2 for contiguous reads (H200,
+// benchmarks/read_patterns.cu). Tiles (quant.tile_packed): chunk (tile, c) is 1 KB at (tile·K/128 + c)·1024, row r
+// at 64·r in it, so a load instruction reads 512 contiguous bytes.
+__device__ __forceinline__ const uint8_t* row_lane_ptr(const Args& a, int tile, int r, int off, int64_t& stride) {
+  if (a.tiles) {
+    stride = 1024;
+    return a.packed + int64_t(tile) * (a.K / kChunk) * 1024 + r * 64 + off;
+  }
+  stride = 64;
+  return a.packed + int64_t(min(tile * kTileRows + r, a.N - 1)) * (a.K / 2) + off;
+}
+
 // One lookup: the two values of packed byte i of w, as the A-operand register (low half = the high nibble = the
 // lower k). The table row of byte value b is 256 bytes (64 words, lanes use the first 32), so one byte permute
 // builds the whole shared-memory offset: byte 0 = 4·lane (from `lane4`), byte 1 = byte i of w, bytes 2, 3 = zero
@@ -141,9 +156,16 @@ __device__ __forceinline__ void chunk_mma(float (&out)[NT][4], const uint32_t (&
 #pragma unroll
   for (int j = 0; j < NBPC; ++j) {
     if (j >= blocks) break;  // warp-uniform
-    float acc[NT][4];
+    // Up to 8 tokens (NT = 1), two accumulators per block, one per MMA k-step (bytes 0,1 / 2,3 of each word), summed
+    // before the scale: a block's dependent MMA chain is half as long (2 instead of 4 at blocksize 64, 4 instead of
+    // 8 at 128+), and fixed-latency waits were a large share of the stalls (benchmarks/README.md). With 16+ tokens
+    // the n-tiles are independent chains already, and the second set of registers spilled.
+    constexpr int kAcc = NT == 1 ? 2 : 1;
+    float acc[kAcc][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    for (int s = 0; s < kAcc; ++s)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) acc[s][nt][0] = acc[s][nt][1] = acc[s][nt][2] = acc[s][nt][3] = 0.0f;
     // block j's words: 4/NBPC of them, two MMA k-steps each (bytes 0,1 then 2,3)
 #pragma unroll
     for (int q = j * (4 / NBPC); q < (j + 1) * (4 / NBPC); ++q) {
@@ -153,7 +175,7 @@ __device__ __forceinline__ void chunk_mma(float (&out)[NT][4], const uint32_t (&
         const uint32_t a1 = lookup(tbl, w[1][q], lane4, 2 * s), a3 = lookup(tbl, w[1][q], lane4, 2 * s + 1);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          mma16816<T>(acc[nt], a0, a1, a2, a3, s ? x[nt][q].z : x[nt][q].x, s ? x[nt][q].w : x[nt][q].y);
+          mma16816<T>(acc[s % kAcc][nt], a0, a1, a2, a3, s ? x[nt][q].z : x[nt][q].x, s ? x[nt][q].w : x[nt][q].y);
       }
     }
     // rows g and g + 8 of block j: value j·16 + row, held by lane (j·16 + row) % 32 in slot j / 2
@@ -161,10 +183,11 @@ __device__ __forceinline__ void chunk_mma(float (&out)[NT][4], const uint32_t (&
     const float s1 = __shfl_sync(0xffffffffu, s_mine[kSlots == 2 ? j >> 1 : 0], (j * 16 + g + 8) & 31);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      out[nt][0] = fmaf(s0, acc[nt][0], out[nt][0]);
-      out[nt][1] = fmaf(s0, acc[nt][1], out[nt][1]);
-      out[nt][2] = fmaf(s1, acc[nt][2], out[nt][2]);
-      out[nt][3] = fmaf(s1, acc[nt][3], out[nt][3]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float sum = kAcc == 2 ? acc[0][nt][i] + acc[kAcc - 1][nt][i] : acc[0][nt][i];
+        out[nt][i] = fmaf(i < 2 ? s0 : s1, sum, out[nt][i]);
+      }
     }
   }
 }

@@ -142,11 +142,10 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   const int c_begin = ks * full / splits, c_end = (ks + 1) * full / splits;
 
   // Lane pointers at chunk 0. Rows g and g + 8 of the tile (C rows 0, 1 and 2, 3); past N, row N - 1.
-  const int64_t row_bytes = K / 2;
   const uint8_t* wp[2];
+  int64_t wstride;  // bytes from one chunk of a row to the next
 #pragma unroll
-  for (int h = 0; h < 2; ++h)
-    wp[h] = a.packed + int64_t(min(tile * kTileRows + g + 8 * h, N - 1)) * row_bytes + t * (16 / NBPC);
+  for (int h = 0; h < 2; ++h) wp[h] = row_lane_ptr(a, tile, g + 8 * h, t * (16 / NBPC), wstride);
   // Tokens: n-tile nt of the B operand is token m0 + 8·nt + g; past M, token M - 1.
   const int m0 = blockIdx.y * 8 * NT;
   const uint16_t* xp[NT];
@@ -168,9 +167,9 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   const float offset = a.offset;
 
   auto load_stage = [&](bool tail, int c, St& st) {
-    const int64_t cb = int64_t(c) * 64;
+    const int64_t cb = int64_t(c) * 64;  // x: 128 values = 2·64 elements a chunk
 #pragma unroll
-    for (int h = 0; h < 2; ++h) load_row_chunk<NBPC>(st.w[h], wp[h] + cb, tail, tail_blocks);
+    for (int h = 0; h < 2; ++h) load_row_chunk<NBPC>(st.w[h], wp[h] + c * wstride, tail, tail_blocks);
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot) {
       // the tail's missing blocks read block 0 of the row (never used: compute stops at tail_blocks)

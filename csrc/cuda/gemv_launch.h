@@ -14,7 +14,8 @@ namespace cuda {
 
 // y (M, N) = x (M, K) · dequant(W (N, K))ᵀ; quant.dequantize_ref gives dequant(W).
 struct GemvArgs {
-  const uint8_t* packed;   // (N·K/2) bytes, bitsandbytes' layout: element 2j in the high nibble of byte j
+  const uint8_t* packed;   // (N·K/2) bytes, element 2j in the high nibble of byte j, in bitsandbytes' row order
+                           // or (tiles) in quant.tile_packed's: 1 KB chunks of 16 rows × 128 values, row-major
   const float* absmax;     // (N·K/bs) float32 scales, or nullptr with double quantization
   const uint8_t* codes;    // (N·K/bs) uint8 codes of absmax - offset (double quantization), or nullptr
   const float* absmax2;    // (ceil(N·K/bs / nested_bs),) float32, with codes
@@ -25,6 +26,7 @@ struct GemvArgs {
   int M, N, K;             // K % 32 == 0 and K % bs == 0 (the caller checks)
   int log2_bs, log2_nested_bs;
   int quant_type;          // kNF4 / kFP4
+  bool tiles;              // packed in tiles (N % 16 == 0, K % 128 == 0: the caller checks)
 };
 
 // Which kernel: the launcher's choice (the streaming one for one token, gemv_stream.cuh), or the register ring

@@ -89,6 +89,7 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
   a.log2_bs = log2_int(blocksize);
   a.log2_nested_bs = nested ? log2_int(nested_blocksize) : 0;
   a.quant_type = qt;
+  a.tiles = is_tiles(packed);
   C10_CUDA_CHECK(cuda::launch_gemv_4bit(elem_of(x.scalar_type()), a, static_cast<int>(rows_per_cta),
                                         static_cast<int>(kernel), c10::cuda::getCurrentCUDAStream()));
   return y;
@@ -160,6 +161,7 @@ std::vector<at::Tensor> gemm_4bit_group_cuda(const at::Tensor& x_in, at::TensorL
     a.log2_bs = log2_int(blocksize);
     a.log2_nested_bs = nested ? log2_int(nested_blocksize) : 0;
     a.quant_type = qt;
+    a.tiles = is_tiles(keep.back());
   }
   if (M == 0) return ys;
   C10_CUDA_CHECK(cuda::launch_gemv_4bit_group(elem_of(x.scalar_type()), group, cuda::kGemvAuto,

@@ -107,13 +107,13 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
 
   // What this lane copies per chunk: unit t (k = 32t .. 32t + 31 of the chunk) of rows g and g + 8 (past N: row
   // N - 1; dropped at the store), 4 values of x, and the raw scale(s) of row L & 15, block (L >> 4) + 2·slot.
-  const int64_t row_bytes = K / 2;
   const uint8_t* wsrc[2];
   uint32_t wdst[2];
+  int64_t wstride;  // bytes from one chunk of a row to the next
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = g + 8 * h;
-    wsrc[h] = a.packed + int64_t(min(tile * kTileRows + r, N - 1)) * row_bytes + 16 * t;
+    wsrc[h] = row_lane_ptr(a, tile, r, 16 * t, wstride);
     wdst[h] = r * 64 + ((t ^ swizzle<NBPC>(r)) << 4);
   }
   const uint16_t* xsrc = static_cast<const uint16_t*>(a.x) + 4 * lane;
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
     const uint32_t base = ring_s + stage * SB;
     const int kc = c * kChunk;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) copy16(base + wdst[h], wsrc[h] + int64_t(c) * 64, kc + 32 * t < K);
+    for (int h = 0; h < 2; ++h) copy16(base + wdst[h], wsrc[h] + c * wstride, kc + 32 * t < K);
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot) {
       bool ok;

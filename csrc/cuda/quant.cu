@@ -62,12 +62,13 @@ cudaError_t launch_quantize_4bit(Elem t, const void* x, int64_t n, int log2_bs, 
 
 void launch_dequantize_4bit(Elem t, const uint8_t* packed, const float* absmax, const uint8_t* codes,
                             const float* absmax2, const float* map, float offset, int64_t n, int log2_bs,
-                            int log2_nested_bs, int quant_type, void* out, cudaStream_t stream) {
+                            int log2_nested_bs, int quant_type, int64_t tiles_k, void* out, cudaStream_t stream) {
   with_elem(t, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t tile = int64_t(kThreads) * kDequantK * (16 / sizeof(T));
     dequantize_4bit_kernel<T, kDequantK><<<dim3(ceil_div64(n, tile)), kThreads, 0, stream>>>(
-        packed, absmax, codes, absmax2, map, offset, n, log2_bs, log2_nested_bs, quant_type, static_cast<T*>(out));
+        packed, absmax, codes, absmax2, map, offset, n, log2_bs, log2_nested_bs, quant_type, tiles_k,
+        static_cast<T*>(out));
   });
 }
 

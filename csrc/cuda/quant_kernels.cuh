@@ -297,14 +297,22 @@ __global__ void __launch_bounds__(kThreads)
 // c = k * kThreads + threadIdx.x, so each warp store instruction writes 512 contiguous bytes. The CTA first decodes
 // the scales of the quant blocks its tile touches into shared memory, one thread per block: plain float32, or with
 // double quantization map[code] * absmax2 + offset, product and sum each rounded to float32 (no FMA). The packed
-// loads are issued before that decode so they are in flight while it runs.
+// loads are issued before that decode so they are in flight while it runs. With tiles_k = K the packed bytes are in
+// tiles (minqlora/layout.py): only the address a unit's bytes are loaded from changes (tile_byte), the outputs and
+// the scales keep their row order. A unit (2 or 4 bytes) never straddles a tile's 64-byte row piece, and N·K is a
+// multiple of V, so tiles never take the tail path.
 // ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ int64_t tile_byte(int64_t e, int64_t tiles_k) {  // element e of a (N, tiles_k) weight
+  const int64_t row = e / tiles_k, col = e - row * tiles_k;
+  return (((row >> 4) * (tiles_k >> 7) + (col >> 7)) << 10) + ((row & 15) << 6) + ((col >> 1) & 63);
+}
+
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                            const uint8_t* __restrict__ codes, const float* __restrict__ absmax2,
                            const float* __restrict__ code_map, float offset, int64_t n, int log2_bs,
-                           int log2_nested_bs, int quant_type, T* __restrict__ out) {
+                           int log2_nested_bs, int quant_type, int64_t tiles_k, T* __restrict__ out) {
   using P = PackedUnit<T>;
   constexpr int V = 16 / sizeof(T);
   constexpr int kTile = kThreads * K * V;
@@ -318,7 +326,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t e0 = tile0 + int64_t(k * kThreads + t) * V;
-    if (e0 + V <= n) {
+    if (tiles_k != 0) {
+      w[k] = e0 < n ? __ldcs(reinterpret_cast<const P*>(packed + tile_byte(e0, tiles_k))) : P(0);
+    } else if (e0 + V <= n) {
       w[k] = __ldcs(reinterpret_cast<const P*>(packed) + e0 / V);
     } else {
       uint32_t acc = 0;

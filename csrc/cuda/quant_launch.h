@@ -20,9 +20,10 @@ cudaError_t launch_quantize_4bit(Elem t, const void* x, int64_t n, int log2_bs, 
 
 // quant.dequantize_ref: codes == nullptr -> absmax holds float32 scales; otherwise the scale of block b is
 // map[codes[b]] * absmax2[b >> log2_nested_bs] + offset (double quantization), decoded inside the kernel.
+// tiles_k: 0 for bitsandbytes' row order, or K when packed holds a (N, K) weight in tiles (minqlora/layout.py).
 void launch_dequantize_4bit(Elem t, const uint8_t* packed, const float* absmax, const uint8_t* codes,
                             const float* absmax2, const float* map, float offset, int64_t n, int log2_bs,
-                            int log2_nested_bs, int quant_type, void* out, cudaStream_t stream);
+                            int log2_nested_bs, int quant_type, int64_t tiles_k, void* out, cudaStream_t stream);
 
 // quant.quantize_blockwise_8bit_ref: x (n elements of t) -> codes (n bytes), absmax (ceil(n / 2^log2_bs) floats)
 void launch_quantize_blockwise_8bit(Elem t, const void* x, const float* map, int64_t n, int log2_bs,

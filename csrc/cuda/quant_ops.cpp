@@ -55,7 +55,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed_in, const at::Tensor& a
   const QuantType qt = parse_quant_type(std::string(quant_type));
   check_out_dtype(dtype);
   const c10::cuda::CUDAGuard guard(packed_in.device());
-  const at::Tensor packed = aligned(packed_in, 4);
+  const at::Tensor packed = aligned(packed_in, 4);  // rows or tiles: the kernel reads both
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const bool nested = nested_absmax.has_value();
   cuda::launch_dequantize_4bit(elem_of(dtype), packed.data_ptr<uint8_t>(),
@@ -63,7 +63,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed_in, const at::Tensor& a
                                nested ? absmax.data_ptr<uint8_t>() : nullptr,
                                nested ? nested_absmax->data_ptr<float>() : nullptr,
                                nested ? nested_map->data_ptr<float>() : nullptr, static_cast<float>(nested_offset),
-                               n, log2_int(blocksize), nested ? log2_int(nested_blocksize) : 0, qt, out.data_ptr(),
+                               n, log2_int(blocksize), nested ? log2_int(nested_blocksize) : 0, qt,
+                               is_tiles(packed) ? shape[1] : 0, out.data_ptr(),
                                c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

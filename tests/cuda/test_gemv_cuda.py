@@ -324,3 +324,73 @@ def test_projection_groups_in_a_decode_step():
         assert not q.group.applies(x)
     group_projections(model, False)
     assert q.group is None
+
+
+# -- the decode layout (minqlora/layout.py): tiles read by both kernels ------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_tiles_equal_rows_bit_for_bit(dtype, blocksize, double_quant):
+    """The same bytes in tiles give the same y, bit for bit, as in rows, for every M through both kernels and every
+    CTA shape (the kernel reads the same values in the same order; only the addresses differ), for single weights
+    and groups; gemm_4bit past the fused kernel's rows (dequantize + matmul) takes tiles back to rows."""
+    from minqlora import layout
+    n, k = 48, 768
+    quant_type = "fp4" if blocksize == 128 else "nf4"
+    packed, state = make(n, k, blocksize, quant_type, double_quant, seed=blocksize, dtype=dtype)
+    tiles = layout.to_tiles(packed, state.shape)
+    assert tiles.shape == (3, 6, 16, 64) and torch.equal(layout.to_rows(tiles), packed)
+    for m in (1, 2, 8, 9, 16, 17, 32, 33, 64):
+        x = rand_x(m, k, dtype, seed=m)
+        for rows in (0, 16, 32):
+            for kernel in KERNELS if m == 1 else ("auto",):
+                want = ops.gemv_4bit(x, packed, state, rows_per_cta=rows, kernel=kernel)
+                got = ops.gemv_4bit(x, tiles, state, rows_per_cta=rows, kernel=kernel)
+                torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"M={m} rows={rows} {kernel}")
+        torch.testing.assert_close(mq.gemm_4bit(x, tiles, state), mq.gemm_4bit(x, packed, state), rtol=0, atol=0)
+    other, other_state = make(32, k, blocksize, quant_type, True, seed=3, dtype=dtype)
+    group_rows = [(packed, state), (other, other_state)]
+    group_tiles = [(tiles, state), (layout.to_tiles(other, other_state.shape), other_state)]
+    for m in (1, 4, 16):
+        x = rand_x(m, k, dtype, seed=40 + m)
+        for a, b in zip(ops.gemm_4bit_group(x, group_tiles), ops.gemm_4bit_group(x, group_rows)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    big = rand_x(300, k, dtype, seed=7)
+    torch.testing.assert_close(mq.gemm_4bit(big, tiles, state), mq.gemm_4bit(big, packed, state), rtol=0, atol=0)
+    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):  # 2- and 4-byte units of the dequantize kernel
+        torch.testing.assert_close(mq.dequantize_4bit(tiles, state, out_dtype),
+                                   mq.dequantize_4bit(packed, state, out_dtype), rtol=0, atol=0)
+
+
+def test_tiles_at_model_shapes():
+    from minqlora import layout
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)):
+        packed, state = make(n, k, 64, "nf4", True, seed=n + k)
+        tiles = layout.to_tiles(packed, state.shape)
+        x = rand_x(1, k, torch.bfloat16, seed=n)
+        got = ops.gemv_4bit(x, tiles, state)
+        check(got, x, packed, state, f"tiles {n}x{k}")
+        torch.testing.assert_close(got, ops.gemv_4bit(x, packed, state), rtol=0, atol=0)
+
+
+def test_linear4bit_in_tiles_saves_rows_and_decodes_the_same():
+    """Linear4bit.use_tiles replaces the buffer (no second copy), keeps every output, and state_dict() still holds
+    bitsandbytes' rows; a Decoder puts a model's weights in tiles and back to rows reloads cleanly."""
+    from minqlora import layout
+    from minqlora.linear4bit import Linear4bit
+    torch.manual_seed(0)
+    lin = Linear4bit.from_linear(torch.nn.Linear(256, 48, bias=False).to(DEV, torch.bfloat16))
+    rows = lin.weight.clone()
+    x = rand_x(3, 256, torch.bfloat16, seed=3)
+    want = lin(x)
+    assert lin.use_tiles() and layout.is_tiles(lin.weight) and lin.weight.numel() == rows.numel()
+    torch.testing.assert_close(lin(x), want, rtol=0, atol=0)
+    sd = lin.state_dict()
+    assert torch.equal(sd["weight"], rows)
+    assert not lin.use_tiles(False) and torch.equal(lin.weight, rows)
+    lin.use_tiles()
+    lin.load_state_dict(sd)
+    torch.testing.assert_close(lin(x), want, rtol=0, atol=0)
+    odd = Linear4bit.from_linear(torch.nn.Linear(192, 40, bias=False).to(DEV, torch.bfloat16))
+    assert not odd.use_tiles()  # 40 rows, 192 columns: not a tile shape, stays in rows
