@@ -158,8 +158,9 @@ __device__ __forceinline__ void chunk_mma(float (&out)[NT][4], const uint32_t (&
     if (j >= blocks) break;  // warp-uniform
     // Up to 8 tokens (NT = 1), two accumulators per block, one per MMA k-step (bytes 0,1 / 2,3 of each word), summed
     // before the scale: a block's dependent MMA chain is half as long (2 instead of 4 at blocksize 64, 4 instead of
-    // 8 at 128+), and fixed-latency waits were a large share of the stalls (benchmarks/README.md). With 16+ tokens
-    // the n-tiles are independent chains already, and the second set of registers spilled.
+    // 8 at 128+). Measured 1-2 % at one token (H200, 14336x4096: 18.25 -> 17.94 us): the MMA chain is not what
+    // limits the kernel (benchmarks/README.md: the L1/shared-memory pipe and the CTA imbalance are). With 16+
+    // tokens the n-tiles are independent chains already, and the second set of registers spilled.
     constexpr int kAcc = NT == 1 ? 2 : 1;
     float acc[kAcc][NT][4];
 #pragma unroll
