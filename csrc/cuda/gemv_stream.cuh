@@ -165,10 +165,15 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
     uint32_t w[2][4];
     read_row<NBPC>(w[0], st, g, t);
     read_row<NBPC>(w[1], st, g + 8, t);
-    // x in the order of this lane's weight words: k = 2·word_offset, so byte 4·word_offset of the stage's x
+    // x in the order of this lane's weight words: k = 2·word_offset, so byte 4·word_offset of the stage's x. Only
+    // the lanes of B column 0 (g == 0) read it: columns 1..7 belong to tokens that do not exist and get zeros, which
+    // cuts a 16-byte shared load of all 32 lanes (4 wavefronts) to one of 4 lanes. The L1/shared pipe is the
+    // kernel's busiest unit (79 %, Nsight Compute, benchmarks/README.md).
     uint4 x[1][4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) x[0][q] = *reinterpret_cast<const uint4*>(st + kStageX + 4 * word_offset<NBPC>(q, t));
+    for (int q = 0; q < 4; ++q)
+      x[0][q] = g == 0 ? *reinterpret_cast<const uint4*>(st + kStageX + 4 * word_offset<NBPC>(q, t))
+                       : make_uint4(0u, 0u, 0u, 0u);
     float s_mine[kSlots];
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot) {
