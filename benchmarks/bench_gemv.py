@@ -220,7 +220,7 @@ def plot(rows: list[dict], tbs: float, path: str) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), sharey=True)
     for ax, (n, k) in zip(axes.flat, shapes):
         sub = [r for r in rows if (r["N"], r["K"]) == (n, k)]
-        for name in ("minqlora", "bitsandbytes", "bf16", "torch int4"):
+        for name in ("minqlora", "minqlora tiles", "bitsandbytes", "bf16", "torch int4"):
             ax.plot([r["M"] for r in sub], [r[name]["TB/s"] for r in sub], marker="o", label=name)
         ax.axhline(tbs, color="gray", ls="--", label="copy")
         ax.set_xscale("log", base=2)

@@ -51,3 +51,22 @@ def test_clear_errors():
     tiles = layout.to_tiles(packed, state.shape).reshape(4, 1, 16, 64)
     with pytest.raises(RuntimeError, match="does not match the weight shape"):
         mq.dequantize_4bit(tiles, state)
+
+
+def test_linear4bit_with_tiles_saves_rows_and_computes_the_same():
+    """A Linear4bit holding tiles (what Linear4bit.use_tiles makes on a GPU; set by hand here, on the CPU, where
+    use_tiles leaves the weight in rows) computes the same outputs, and its state_dict holds bitsandbytes' rows."""
+    from minqlora.linear4bit import Linear4bit
+    torch.manual_seed(0)
+    lin = Linear4bit.from_linear(torch.nn.Linear(256, 32, bias=True))
+    rows = lin.weight.clone()
+    x = torch.randn(3, 256)
+    want = lin(x)
+    assert not lin.use_tiles() and lin.weight.shape == rows.shape  # CPU: nothing to gain, stays in rows
+    lin._buffers["weight"] = layout.to_tiles(rows, (32, 256))
+    lin._weight_args = None
+    torch.testing.assert_close(lin(x), want, rtol=0, atol=0)
+    sd = lin.state_dict()
+    assert torch.equal(sd["weight"], rows) and sd["weight"].shape == rows.shape
+    assert not lin.use_tiles(False) and torch.equal(lin.weight, rows)
+    assert layout.use_tiles(torch.nn.Sequential(lin)) == 0
