@@ -21,12 +21,16 @@
 // - Split-K inside the CTA: 8 warps share 16·wr_count output rows (wr_count 1-8, chosen at launch), the warps of a
 //   row tile take contiguous runs of chunks; partial sums meet in shared memory and one pass writes y. No atomics,
 //   no workspace, one launch (CUDA-graph friendly), deterministic. Chunks ride in a ring of registers, 2-3 deep.
+// - The weight bytes come in bitsandbytes' row order or in layout.py's decode tiles (row_lane_ptr): only the lane
+//   pointers and the chunk stride differ. In rows a load covers 64 bytes of each of 8 rows, which HBM serves at
+//   2.6-3.0 TB/s; in tiles 512 contiguous bytes (4.2): 8-17 % faster at 4-16 tokens, 1-3 % at one.
 // - What limits it (H200, Nsight Compute and the SASS, benchmarks/README.md): version 7 cut the hot loop from ~238
 //   to ~130 instructions per warp and chunk and gained only 5-10 %, so issue is not the wall. Stalls: long
 //   scoreboard 36-44 %, MIO throttle and short scoreboard ~12 % each; ptxas puts the global loads and the table
 //   lookups (LDS) on shared scoreboards, so waiting for a lookup also waits for loads still in flight. Version 6
 //   (git history) streamed the weights through a cp.async ring but ran with the largest shared-memory carveout,
-//   which starves L1 of x.
+//   which starves L1 of x. For the one-token kernel (gemv_stream.cuh) the busiest unit is the L1/shared pipe (79 %;
+//   DRAM 33 %), and grids that leave some SMs one CTA and others two lose up to ~15 %.
 #pragma once
 
 #include "gemv_common.cuh"
