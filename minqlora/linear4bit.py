@@ -125,8 +125,10 @@ class Linear4bit(nn.Module):
     def use_tiles(self, tiles: bool = True) -> bool:
         """Hold the packed bytes in the decode layout (layout.py: contiguous 1 KB chunks, 8-17 % faster fused GEMVs
         at 4-16 rows on the H200) or back in bitsandbytes' rows. The buffer is replaced, not duplicated; the bytes and
-        every result stay the same, and state_dict() always saves rows. Only uint8 weights on a GPU whose shape tiles
-        (out_features % 16, in_features % 128) change; returns whether the weight is held in tiles now."""
+        every result stay the same, and state_dict() always saves rows (a rows copy per tiled weight while the dict
+        lives: layout.use_tiles(model, False) first saves without it). Only uint8 weights on a GPU whose shape tiles
+        (out_features % 16, in_features % 128) change; returns whether the weight is held in tiles now. Like any
+        buffer swap, it leaves CUDA graphs captured before it reading the old buffer: build a new decode.Decoder."""
         w = self.weight
         if tiles and (w.dtype != torch.uint8 or w.device.type != "cuda"
                       or not layout.tiles_apply((self.out_features, self.in_features))):
