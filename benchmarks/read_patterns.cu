@@ -13,7 +13,8 @@
 //               chunk of a 16-row MMA tile reads, gemv_stream.cuh)
 //   split     : as rows64, but the tile's row split among 2 warps (the stream kernel's split-K)
 //   schedule  : a one-token GEMV's memory schedule alone (schedule_kernel): per-warp bytes, bytes in flight, CTAs
-//               per SM, one launch per weight-sized slice
+//               per SM, one launch per weight-sized slice; the last per-warp size of each group fills exactly two
+//               CTAs per SM (what an even split of the work would give)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -169,7 +170,10 @@ int main(int argc, char** argv) {
     const int dyn[] = {0, 50 * 1024, 100 * 1024};  // 8, 4 and 2 CTAs of 8 warps per SM
     for (int64_t weight : {int64_t(29360128), int64_t(117440512)}) {
       const int copies = int(bytes / weight);
-      for (int64_t per_warp : {4096, 8192, 16384, 32768}) {
+      // the fixed per-warp sizes give grids of weight / per_warp / 8 CTAs (16384 B at 28 MB: the kernel's 224 CTAs,
+      // uneven over 132 SMs x 2); the last size splits the weight evenly over exactly 2 CTAs per SM (0: computed)
+      for (int64_t per_warp : {int64_t(4096), int64_t(8192), int64_t(16384), int64_t(32768), int64_t(0)}) {
+        if (per_warp == 0) per_warp = weight / (2 * sms * 8) / 512 * 512;  // the remainder (< 0.1 %) is not read
         for (int smem : dyn) {
           const int64_t warps = weight / per_warp;
           const int grid = int(warps / 8);
