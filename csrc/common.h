@@ -44,9 +44,9 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The decode layout (quant.tile_packed): packed (N/16, K/128, 16, 64) uint8, each 1 KB one chunk of 16 rows × 128
-// values, read by the fused GEMV with contiguous loads. Every other op takes bitsandbytes' row order, which
-// rows_order gives back (a copy, for tiles only).
+// The decode layout (minqlora/layout.py, to_tiles): packed (N/16, K/128, 16, 64) uint8, each 1 KB one chunk of
+// 16 rows × 128 values, read by the fused GEMV with contiguous loads. Every other op takes bitsandbytes' row order,
+// which rows_order gives back (a copy, for tiles only).
 inline bool is_tiles(const at::Tensor& packed) {
   return packed.dim() == 4 && packed.size(2) == 16 && packed.size(3) == 64;
 }

@@ -101,8 +101,8 @@ __device__ __forceinline__ constexpr int word_offset(int q, int t) {
 // (stride) the step from one 128-value chunk to the next. Rows: bitsandbytes' bytes, row n at n·K/2 (past N, row
 // N - 1: valid memory, its outputs dropped at the store), chunks 64 bytes apart; a warp's 16-byte loads cover 64
 // bytes of each of 8 rows, which HBM serves at 2.6-3.0 TB/s against 4.2 for contiguous reads (H200,
-// benchmarks/read_patterns.cu). Tiles (quant.tile_packed): chunk (tile, c) is 1 KB at (tile·K/128 + c)·1024, row r
-// at 64·r in it, so a load instruction reads 512 contiguous bytes.
+// benchmarks/read_patterns.cu). Tiles (minqlora/layout.py, to_tiles): chunk (tile, c) is 1 KB at
+// (tile·K/128 + c)·1024, row r at 64·r in it, so a load instruction reads 512 contiguous bytes.
 __device__ __forceinline__ const uint8_t* row_lane_ptr(const Args& a, int tile, int r, int off, int64_t& stride) {
   if (a.tiles) {
     stride = 1024;

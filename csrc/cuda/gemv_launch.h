@@ -15,7 +15,7 @@ namespace cuda {
 // y (M, N) = x (M, K) · dequant(W (N, K))ᵀ; quant.dequantize_ref gives dequant(W).
 struct GemvArgs {
   const uint8_t* packed;   // (N·K/2) bytes, element 2j in the high nibble of byte j, in bitsandbytes' row order
-                           // or (tiles) in quant.tile_packed's: 1 KB chunks of 16 rows × 128 values, row-major
+                           // or in minqlora/layout.py's tiles: 1 KB chunks of 16 rows × 128 values
   const float* absmax;     // (N·K/bs) float32 scales, or nullptr with double quantization
   const uint8_t* codes;    // (N·K/bs) uint8 codes of absmax - offset (double quantization), or nullptr
   const float* absmax2;    // (ceil(N·K/bs / nested_bs),) float32, with codes
