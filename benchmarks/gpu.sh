@@ -3,7 +3,7 @@
 # carried wheel, builds the extension against the machine's own torch, then runs the parts named on the command line
 # (default: all), each logging under $OUT, and prints a short summary last.
 #
-#   bash benchmarks/gpu.sh [tests] [gemv] [quant] [linear] [generate] [step] [context] [sass] ...
+#   bash benchmarks/gpu.sh [tests] [gemv] [quant] [linear] [generate] [step] [context] [sass] [read] ...
 #   TESTS="tests/cuda/test_gemv_cuda.py" bash benchmarks/gpu.sh tests    # a subset of tests/cuda
 #   GEMV_ARGS=--quick bash benchmarks/gpu.sh gemv                        # extra arguments for one benchmark
 #
@@ -66,13 +66,21 @@ for part in $parts; do
     generate) bench generate benchmarks/bench_generate.py ${GENERATE_ARGS:-} ;;
     step) bench step benchmarks/bench_step.py ${STEP_ARGS:-} ;;
     context) bench context benchmarks/bench_context.py ${CONTEXT_ARGS:-} ;;
+    read)
+      # HBM read patterns and GEMV memory schedules without arithmetic (plain CUDA, no torch): the layout question.
+      s=$(date +%s)
+      nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/read_patterns benchmarks/read_patterns.cu \
+        && /tmp/read_patterns ${READ_MIB:-512} > "$OUT/read_patterns.txt" 2>&1
+      r=$?
+      summary+=("read: $(( $(date +%s) - s )) s, exit $r")
+      [ $r -eq 0 ] || rc=1 ;;
     sass)
       # The machine code of the kernels named by SASS_MATCH (default: the fused GEMV), for reading instruction
       # counts here: ptxas -v is all the workstation has. Summarized by benchmarks/sass_summary.py.
       cuobjdump -sass minqlora/_C*.so 2>/dev/null | python3 benchmarks/sass_summary.py --match "${SASS_MATCH:-gemv_4bit_kernel}" \
         --dump "$OUT/sass.txt" > "$OUT/sass_summary.txt" 2>&1
       summary+=("sass: exit $?: $(wc -l < "$OUT/sass.txt") lines of SASS") ;;
-    *) echo "unknown part: $part (tests gemv quant linear generate step context sass)"; rc=1 ;;
+    *) echo "unknown part: $part (tests gemv quant linear generate step context sass read)"; rc=1 ;;
   esac
 done
 
