@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import ops, quant
+from . import layout, ops, quant
 from .linear4bit import Linear4bit
 from .quant import QuantState
 
@@ -72,7 +72,8 @@ class Packed4bit(torch.Tensor):
         nested = lin.weight_nested_absmax
         meta = Meta4bit(lin.in_features, lin.blocksize, lin.quant_type, lin.weight_dtype, nested,
                         lin.weight_nested_map, lin.nested_offset)
-        return cls(lin.weight.reshape(-1), lin.weight_absmax, meta)
+        # shards are runs of whole rows: bitsandbytes' order, also for a weight held in decode tiles (layout.py)
+        return cls(layout.to_rows(lin.weight).reshape(-1), lin.weight_absmax, meta)
 
     @property
     def rows(self) -> int:

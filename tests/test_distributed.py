@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minqlora import cli, distributed, fsdp4bit
+from minqlora import cli, distributed, fsdp4bit, layout
 from minqlora.checkpoint import save_pretrained
 from minqlora.data import IGNORE_INDEX, collate, shard_batch, tokenize_record
 from minqlora.linear4bit import Linear4bit
@@ -256,6 +256,11 @@ def test_packed4bit_row_ops_and_forward():
         assert torch.equal(shardable(x), q(x))
     with pytest.raises(ValueError, match="cannot be split into 3 shards"):
         fsdp4bit.check_shardable(torch.nn.Sequential(q), 3)
+    # a weight held in decode tiles (layout.py) shards as the same rows
+    q = Linear4bit.from_linear(torch.nn.Linear(128, 16, bias=False))
+    rows = q.weight.clone()
+    q._buffers["weight"] = layout.to_tiles(rows, (16, 128))
+    assert torch.equal(fsdp4bit.Packed4bit.from_linear4bit(q).codes, rows.view(-1))
 
 
 def test_quantize_rows_gives_the_one_process_bytes():
