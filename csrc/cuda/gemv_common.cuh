@@ -102,11 +102,14 @@ __device__ __forceinline__ constexpr int word_offset(int q, int t) {
 // N - 1: valid memory, its outputs dropped at the store), chunks 64 bytes apart; a warp's 16-byte loads cover 64
 // bytes of each of 8 rows, which HBM serves at 2.6-3.0 TB/s against 4.2 for contiguous reads (H200,
 // benchmarks/read_patterns.cu). Tiles (minqlora/layout.py, to_tiles): chunk (tile, c) is 1 KB at
-// (tile·K/128 + c)·1024, row r at 64·r in it, so a load instruction reads 512 contiguous bytes.
+// (tile·K/128 + c)·1024, row r at 64·r in it, so a load instruction reads 512 contiguous bytes; past N, the last
+// tile.
 __device__ __forceinline__ const uint8_t* row_lane_ptr(const Args& a, int tile, int r, int off, int64_t& stride) {
   if (a.tiles) {
     stride = 1024;
-    return a.packed + int64_t(tile) * (a.K / kChunk) * 1024 + r * 64 + off;
+    // a CTA's row tiles past N (its outputs dropped at the store) read the last tile: valid memory, as for rows
+    const int last = a.N / kTileRows - 1;
+    return a.packed + int64_t(min(tile, last)) * (a.K / kChunk) * 1024 + r * 64 + off;
   }
   stride = 64;
   return a.packed + int64_t(min(tile * kTileRows + r, a.N - 1)) * (a.K / 2) + off;

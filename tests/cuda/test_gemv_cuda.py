@@ -343,7 +343,7 @@ def test_tiles_equal_rows_bit_for_bit(dtype, blocksize, double_quant):
     assert tiles.shape == (3, 6, 16, 64) and torch.equal(layout.to_rows(tiles), packed)
     for m in (1, 2, 8, 9, 16, 17, 32, 33, 64):
         x = rand_x(m, k, dtype, seed=m)
-        for rows in (0, 16, 32):
+        for rows in (0, 16, 32, 128):  # 32, 128: row tiles past N (3 tiles) in the last CTA read the last tile
             for kernel in KERNELS if m == 1 else ("auto",):
                 want = ops.gemv_4bit(x, packed, state, rows_per_cta=rows, kernel=kernel)
                 got = ops.gemv_4bit(x, tiles, state, rows_per_cta=rows, kernel=kernel)
