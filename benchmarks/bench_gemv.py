@@ -158,7 +158,9 @@ def run_shape(n: int, k: int, ms, tbs: float) -> list[dict]:
             row[name] = {"graph_us": us, "eager_us": wall, "host_us": host, "TB/s": (nbytes + xb) / us / 1e6}
         # the fused kernels' CTA shapes, for the launcher's choice; at one token also the register-ring kernel, which
         # the streaming one replaces there
-        variants = [("auto", r, "") for r in (16, 32, 64, 128)] + [("auto", r, "tiles ") for r in (16, 32, 64, 128)]
+        # 112 (7 row tiles, one warp idle) gives grids that fill 132 SMs x 2 more evenly for 896 / 1792 row tiles
+        variants = [("auto", r, "") for r in (16, 32, 64, 128)]
+        variants += [("auto", r, "tiles ") for r in (16, 32, 48, 64, 112, 128)]
         variants += [("ring", r, "") for r in (0, 16, 64)] if m == 1 else []
         for kernel, r, lay in variants if m <= 32 else ():
             calls = [lambda p=p, s=s, r=r, kn=kernel: ops.gemv_4bit(x, p, s, rows_per_cta=r, kernel=kn)

@@ -282,9 +282,9 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per
     """The fused CUDA kernel behind gemm_4bit for few rows, called directly (tests, benchmarks): bf16/fp16 x on a
     GPU, in_features a multiple of 32 and of the blocksize, any number of rows. Not differentiable.
 
-    rows_per_cta (16, 32, 64, 128; 0 = the launcher's choice) sets the CTA shape; kernel picks "ring" (the register
-    ring, any M), "stream" (one token, operands streamed through shared memory; at M > 1 the ring runs) or "auto"
-    (stream for one token)."""
+    rows_per_cta (a multiple of 16 up to 128; 0 = the launcher's choice) sets the CTA shape; kernel picks "ring"
+    (the register ring, any M), "stream" (one token, operands streamed through shared memory; at M > 1 the ring
+    runs) or "auto" (stream for one token)."""
     kernels = {"auto": 0, "ring": 1, "stream": 2}
     if kernel not in kernels:
         raise ValueError(f"gemv_4bit: kernel must be one of {sorted(kernels)}, got {kernel!r}")

@@ -144,7 +144,9 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
   // multiple of the blocksize) holds tail_blocks blocks and goes to the last warp.
   const int full = K / kChunk;
   const int tail_blocks = (K % kChunk) / (kChunk / NBPC);
-  const int c_begin = ks * full / splits, c_end = (ks + 1) * full / splits;
+  // With a row-tile count that does not divide 8 (rows_per_cta 48, 80, 96, 112) the warps past splits·wr_count
+  // are idle: no chunks, no slot in the reduction.
+  const int c_begin = ks < splits ? ks * full / splits : 0, c_end = ks < splits ? (ks + 1) * full / splits : 0;
 
   // Lane pointers at chunk 0. Rows g and g + 8 of the tile (C rows 0, 1 and 2, 3); past N, row N - 1.
   const uint8_t* wp[2];

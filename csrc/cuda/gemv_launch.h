@@ -33,7 +33,8 @@ struct GemvArgs {
 // (gemv_kernels.cuh) at any M. The streaming kernel needs M == 1; asked for at another M, the ring runs.
 enum GemvKernel { kGemvAuto = 0, kGemvRing = 1, kGemvStream = 2 };
 
-// t is kBF16 or kF16. rows_per_cta: 16, 32, 64 or 128 output features per CTA, 0 = the launcher's choice.
+// t is kBF16 or kF16. rows_per_cta: 16·wr output features per CTA (wr = 1..8; a wr that does not divide 8 leaves
+// 8 - wr·⌊8/wr⌋ warps idle: for measuring grids that fill the SMs evenly), 0 = the launcher's choice.
 cudaError_t launch_gemv_4bit(Elem t, const GemvArgs& args, int rows_per_cta, int kernel, cudaStream_t stream);
 
 // Up to kMaxGroup weights against the same x in one launch: the projections that read one tensor (q/k/v of an

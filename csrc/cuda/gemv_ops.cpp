@@ -52,9 +52,8 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
               "gemv_4bit: x must be bfloat16 or float16, got ", x_in.scalar_type());
   TORCH_CHECK(fused_applies(x_in, blocksize, shape), "gemv_4bit: in_features ", shape[1],
               " must be a multiple of 32 and of the blocksize ", blocksize);
-  TORCH_CHECK(rows_per_cta == 0 || rows_per_cta == 16 || rows_per_cta == 32 || rows_per_cta == 64 ||
-                  rows_per_cta == 128,
-              "gemv_4bit: rows_per_cta must be 0 (automatic), 16, 32, 64 or 128, got ", rows_per_cta);
+  TORCH_CHECK(rows_per_cta >= 0 && rows_per_cta <= 128 && rows_per_cta % 16 == 0,
+              "gemv_4bit: rows_per_cta must be 0 (automatic) or a multiple of 16 up to 128, got ", rows_per_cta);
   TORCH_CHECK(kernel >= cuda::kGemvAuto && kernel <= cuda::kGemvStream,
               "gemv_4bit: kernel must be 0 (automatic), 1 (register ring) or 2 (one-token streaming), got ", kernel);
   check_cuda(x_in, "x");

@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
   const int wr = warp % wr_count, splits = kWarps / wr_count, ks = warp / wr_count;
   const int tile = bx * wr_count + wr;
   const int chunks = (K + kChunk - 1) / kChunk;
-  const int c_begin = ks * chunks / splits, c_end = (ks + 1) * chunks / splits;
+  // warps past splits·wr_count (a row-tile count that does not divide 8) are idle, as in gemv_kernels.cuh
+  const int c_begin = ks < splits ? ks * chunks / splits : 0, c_end = ks < splits ? (ks + 1) * chunks / splits : 0;
 
   char* ring = reinterpret_cast<char*>(smem) + kTableBytes + warp * S * SB;
   const float* map_s = reinterpret_cast<const float*>(smem + kTableWords);

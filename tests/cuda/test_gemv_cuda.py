@@ -68,7 +68,7 @@ def test_every_m_1_to_64(dtype, quant_type, double_quant):
     packed, state = make(37, 192, 64, quant_type, double_quant, seed=1, dtype=dtype)
     for m in range(1, 65):
         x = rand_x(m, 192, dtype, seed=m)
-        for rows in (0, 128):  # 128: eight row tiles per CTA, all but three of them past N
+        for rows in (0, 80, 128):  # 80, 128: five / eight row tiles per CTA, some past N (80: 3 warps idle)
             for kernel in KERNELS if m == 1 else ("auto",):
                 check(ops.gemv_4bit(x, packed, state, rows_per_cta=rows, kernel=kernel), x, packed, state,
                       f"M={m} rows={rows} {kernel}")
@@ -95,9 +95,10 @@ def test_model_shapes(shape, m):
     x = rand_x(m, k, torch.bfloat16, seed=m)
     got = ops.gemv_4bit(x, packed, state)
     check(got, x, packed, state, f"{shape} M={m}")
-    # every CTA shape (16 rows × a 1/8 split of K per warp ... 128 rows × all of K) meets the bound, and each is
-    # deterministic: the same call twice gives the same bits
-    for rows in (16, 32, 64, 128):
+    # every CTA shape (16 rows × a 1/8 split of K per warp ... 128 rows × all of K; 48 and 112: row-tile counts that
+    # do not divide the 8 warps, some of them idle) meets the bound, and each is deterministic: the same call twice
+    # gives the same bits
+    for rows in (16, 32, 48, 64, 112, 128):
         for kernel in KERNELS if m == 1 else ("auto",):
             y = ops.gemv_4bit(x, packed, state, rows_per_cta=rows, kernel=kernel)
             check(y, x, packed, state, f"{shape} M={m} rows_per_cta={rows} {kernel}")
@@ -172,8 +173,10 @@ def test_gemm_dispatch():
         ops.gemv_4bit(x, packed2, state2)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         ops.gemv_4bit(x32, packed, state)
-    with pytest.raises(RuntimeError, match="rows_per_cta must be 0 .automatic., 16, 32, 64 or 128, got 48"):
-        ops.gemv_4bit(rand_x(1, 512, torch.bfloat16, seed=1), packed, state, rows_per_cta=48)
+    for bad in (40, 144, -16):
+        with pytest.raises(RuntimeError, match=f"rows_per_cta must be 0 .automatic. or a multiple of 16 up to 128, "
+                                               f"got {bad}"):
+            ops.gemv_4bit(rand_x(1, 512, torch.bfloat16, seed=1), packed, state, rows_per_cta=bad)
 
 
 def test_reference_path_meets_the_same_bound():
