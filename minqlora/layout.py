@@ -22,8 +22,7 @@ TILE_ROWS, TILE_VALUES = 16, 128  # one chunk of the fused kernel: 16 output fea
 def tiles_apply(shape) -> bool:
     """Whether a weight of `shape` can be held in tiles: 2-D, N a multiple of 16 and K of 128 (every Llama
     projection); other weights stay in rows."""
-    return len(shape) == 2 and shape[0] % TILE_ROWS == 0 and shape[1] % TILE_VALUES == 0 and shape[0] > 0 \
-        and shape[1] > 0
+    return len(shape) == 2 and min(shape) > 0 and shape[0] % TILE_ROWS == 0 and shape[1] % TILE_VALUES == 0
 
 
 def is_tiles(packed: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import dynamic_maps
+from . import dynamic_maps, layout
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
@@ -388,11 +388,11 @@ class QuantState:
 
 
 def packed_bytes(t: torch.Tensor) -> torch.Tensor:
-    """Packed 4-bit weights as uint8 ((n+1)//2, 1), or the 4-D tiles of layout.py as they are. Some writers (bnb_4bit_quant_storage) store the bytes in a
-    float dtype: reinterpret the bytes, never convert the values."""
+    """Packed 4-bit weights as uint8 ((n+1)//2, 1), or layout.py's decode tiles as they are. Some writers
+    (bnb_4bit_quant_storage) store the bytes in a float dtype: reinterpret the bytes, never convert the values."""
     if t.dtype != torch.uint8:
         t = t.contiguous().view(-1).view(torch.uint8)
-    elif t.dim() == 2 and t.shape[1] == 1 or t.dim() == 4:
+    elif t.dim() == 2 and t.shape[1] == 1 or layout.is_tiles(t):
         return t  # already the layout (the usual case), or the decode tiles (layout.py): no view to make
     return t.reshape(-1, 1)
 

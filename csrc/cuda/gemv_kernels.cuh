@@ -209,7 +209,8 @@ __global__ void __launch_bounds__(kThreads, NT == 4 ? 1 : 2) gemv_4bit_kernel(co
     uint4 xl[kXInStage ? 1 : NT][4];
     if constexpr (!kXInStage) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) load_x_chunk<NBPC>(xl[nt], xp[nt] + int64_t(c) * 128, tail, tail_blocks, live[nt]);
+      for (int nt = 0; nt < NT; ++nt)
+        load_x_chunk<NBPC>(xl[nt], xp[nt] + int64_t(c) * 128, tail, tail_blocks, live[nt]);
     }
     // This lane's scales for the chunk: float32 absmax, or decoded from the double-quant code.
     float s_mine[kSlots];
