@@ -162,10 +162,12 @@ def run_shape(n: int, k: int, ms, tbs: float) -> list[dict]:
         variants = [("auto", r, "") for r in (16, 32, 64, 128)]
         variants += [("auto", r, "tiles ") for r in (16, 32, 48, 64, 112, 128)]
         variants += [("ring", r, "") for r in (0, 16, 64)] if m == 1 else []
+        # the streaming kernel with the codes copied per chunk (the default copies them by windows; gemv_stream.cuh)
+        variants += [("stream", r, lay) for r in (0, 112) for lay in ("", "tiles ")] if m == 1 else []
         for kernel, r, lay in variants if m <= 32 else ():
             calls = [lambda p=p, s=s, r=r, kn=kernel: ops.gemv_4bit(x, p, s, rows_per_cta=r, kernel=kn)
                      for p, s in (W.mq_tiles if lay else W.mq)]
-            name = f"fused {lay}rows/CTA {r}" if kernel == "auto" else f"ring rows/CTA {r or 'auto'}"
+            name = f"fused {lay}rows/CTA {r}" if kernel == "auto" else f"{kernel} {lay}rows/CTA {r or 'auto'}"
             row[name] = {"graph_us": graph_us(calls)}
         rows.append(row)
         print(f"{n}x{k} M={m}: " + ", ".join(f"{k_}: {v['graph_us']:.2f} us" for k_, v in row.items()

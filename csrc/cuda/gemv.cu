@@ -75,9 +75,9 @@ cudaError_t launch(const Args* w, int count, int rows_per_cta, cudaStream_t stre
   return cuda::launch_pdl(kernel, grid, dim3(kThreads), kTableBytes, stream, cuda::pdl_applies(stream), L);
 }
 
-template <typename T, int NBPC, bool kGroup>
+template <typename T, int NBPC, bool kGroup, int kMode>
 cudaError_t launch_stream(const Args* w, int count, int rows_per_cta, cudaStream_t stream) {
-  auto* kernel = gemv::gemv_4bit_stream_kernel<T, NBPC, kGroup>;
+  auto* kernel = gemv::gemv_4bit_stream_kernel<T, NBPC, kGroup, kMode>;
   constexpr int smem = gemv::stream_smem_bytes<NBPC>();  // 101-107 KB: two CTAs per SM
   static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
@@ -106,8 +106,12 @@ cudaError_t launch_nt(const Args* w, int count, int rows_per_cta, int kernel, cu
     codes_aligned = codes_aligned && (w[i].codes == nullptr || reinterpret_cast<uintptr_t>(w[i].codes) % 4 == 0);
   if constexpr (NBPC <= 2) {
     if (M == 1 && kernel != kGemvRing && codes_aligned) {
-      return count > 1 ? launch_stream<T, NBPC, true>(w, count, rows_per_cta, stream)
-                       : launch_stream<T, NBPC, false>(w, count, rows_per_cta, stream);
+      if (kernel != kGemvStream) {  // auto or windows
+        return count > 1 ? launch_stream<T, NBPC, true, gemv::kStreamCodeWindow>(w, count, rows_per_cta, stream)
+                         : launch_stream<T, NBPC, false, gemv::kStreamCodeWindow>(w, count, rows_per_cta, stream);
+      }
+      return count > 1 ? launch_stream<T, NBPC, true, gemv::kStreamStaged>(w, count, rows_per_cta, stream)
+                       : launch_stream<T, NBPC, false, gemv::kStreamStaged>(w, count, rows_per_cta, stream);
     }
   }
   if (M <= 8) {

@@ -29,9 +29,11 @@ struct GemvArgs {
   bool tiles;              // packed in tiles (N % 16 == 0, K % 128 == 0: the caller checks)
 };
 
-// Which kernel: the launcher's choice (the streaming one for one token, gemv_stream.cuh), or the register ring
-// (gemv_kernels.cuh) at any M. The streaming kernel needs M == 1; asked for at another M, the ring runs.
-enum GemvKernel { kGemvAuto = 0, kGemvRing = 1, kGemvStream = 2 };
+// Which kernel: the launcher's choice (for one token the streaming one, gemv_stream.cuh, with code windows), the
+// register ring (gemv_kernels.cuh) at any M, or the streaming kernel with the codes copied per chunk (kGemvStream)
+// or by windows (kGemvStreamWindow; gemv_stream.cuh's StreamMode). The streaming kernel needs M == 1; asked for at
+// another M, the ring runs. Windows apply to double-quantized weights (only they have codes).
+enum GemvKernel { kGemvAuto = 0, kGemvRing = 1, kGemvStream = 2, kGemvStreamWindow = 3 };
 
 // t is kBF16 or kF16. rows_per_cta: 16·wr output features per CTA (wr = 1..8; a wr that does not divide 8 leaves
 // 8 - wr·⌊8/wr⌋ warps idle: for measuring grids that fill the SMs evenly), 0 = the launcher's choice.

@@ -54,8 +54,9 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
               " must be a multiple of 32 and of the blocksize ", blocksize);
   TORCH_CHECK(rows_per_cta >= 0 && rows_per_cta <= 128 && rows_per_cta % 16 == 0,
               "gemv_4bit: rows_per_cta must be 0 (automatic) or a multiple of 16 up to 128, got ", rows_per_cta);
-  TORCH_CHECK(kernel >= cuda::kGemvAuto && kernel <= cuda::kGemvStream,
-              "gemv_4bit: kernel must be 0 (automatic), 1 (register ring) or 2 (one-token streaming), got ", kernel);
+  TORCH_CHECK(kernel >= cuda::kGemvAuto && kernel <= cuda::kGemvStreamWindow,
+              "gemv_4bit: kernel must be 0 (automatic), 1 (register ring), 2 (one-token streaming, codes per chunk) "
+              "or 3 (one-token streaming, code windows), got ", kernel);
   check_cuda(x_in, "x");
   check_cuda(packed_in, "packed");
   check_same_device(x_in, packed_in, "x", "packed");

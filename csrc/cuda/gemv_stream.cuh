@@ -10,6 +10,15 @@
 // chunk about to be decoded; the warp itself only reads shared memory. x comes from the ring as well, so L1 no longer
 // has to hold it (which is what made the largest shared-memory carveout slow for version 6, git history).
 // One token only: x for 8 tokens would make a stage 3 KB and leave one CTA per SM.
+//
+// Where the L1 pipe's time goes (Nsight Compute, 14336x4096 in tiles, kStreamStaged): 89 LSU wavefronts per warp and
+// 1 KB chunk, 49 of them shared loads (32 pair-table lookups, the staged weights, x and scales) and ~37 the cp.async
+// copies, of which the block scales' are the costliest per byte: 32 lanes gather one code word from each of 16
+// rows, 16 cache lines for 32 bytes. So with double quantization each warp copies its rows' codes for 16 chunks at
+// once (16 rows × up to 36 contiguous bytes: kStreamCodeWindow) into the pair table's unused half: -9 % on
+// 14336x4096, -20 % on 28672x8192, -3 % on 4096x14336 (H200, tiles, bench_gemv.py; benchmarks/README.md). Measured
+// and dropped (git history): the weights and x by TMA bulk copies on per-stage mbarriers, which the LSU does not
+// execute: 2-16 % slower than the windows alone in tiles, 1.5-2.5x slower in rows (16 copies of 64 bytes a chunk).
 #pragma once
 
 #include "gemv_common.cuh"
@@ -25,6 +34,19 @@ namespace gemv {
 // -> 4 accumulating MMAs a block): with one chunk per step and 4 warps per scheduler, short scoreboard and fixed-
 // latency waits were 40 % of the stalls (Nsight Compute, 14336x4096).
 constexpr int kStreamStages = 4;
+// How the codes reach the ring (the header): per chunk with the other operands, or by windows of 16 chunks.
+enum StreamMode { kStreamStaged = 0, kStreamCodeWindow = 1 };
+// Code windows: 16 chunks of one row's codes (up to 32 bytes at blocksize 64, 16 at 128+, plus up to 3 of word
+// alignment) in one 128-byte hole of the pair table (the words 32..63 of a byte value's row, which lookups never
+// read): hole (warp, buffer, r) = table row (2·warp + buffer)·16 + r, the data 4·r bytes in, so the 16 rows of a
+// lane's reads sit in 16 different banks. 8 warps × 2 buffers × 16 rows = the 256 holes.
+constexpr int kWindowChunks = 16;
+template <int NBPC>
+constexpr int window_words() { return (3 + kWindowChunks * NBPC + 3) / 4; }
+__device__ __forceinline__ int window_hole(int warp, int buffer, int r) {
+  return ((2 * warp + buffer) * 16 + r) * (kRowWords * 4) + 128 + 4 * r;
+}
+static_assert(kWarps * 2 * 16 == 256, "one hole of the pair table per warp, buffer and row");
 template <int NBPC>
 constexpr int stream_slots() { return NBPC == 4 ? 2 : 1; }
 // One stage of a warp's ring: weights [16 rows][64 B] (16-byte units swizzled), x [128 values], then per slot the
@@ -80,16 +102,18 @@ __device__ __forceinline__ void read_row(uint32_t (&w)[4], const char* stage, in
   }
 }
 
-// x (1, K) T; W rows 16·wr_count from bx·16·wr_count (bx: the CTA's index among its weight's); warp w computes row tile w % wr_count over the
-// chunks split w / wr_count of 8 / wr_count (the partial last chunk included: its missing blocks arrive as zero x
-// and zero scales, so they add exactly 0). Needs a.codes 4-byte aligned (the launcher checks).
-template <typename T, int NBPC, bool kGroup>
+// x (1, K) T; W rows 16·wr_count from bx·16·wr_count (bx: the CTA's index among its weight's); warp w computes row
+// tile w % wr_count over the chunks split w / wr_count of 8 / wr_count (the partial last chunk included: its missing
+// blocks arrive as zero x and zero scales, so they add exactly 0). Needs a.codes 4-byte aligned (the launcher
+// checks); kStreamBulk also needs K % 128 == 0 (no partial chunk: a bulk copy does not zero-fill).
+template <typename T, int NBPC, bool kGroup, int kMode>
 __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Launch L) {
   extern __shared__ __align__(16) uint32_t smem[];
   int bx, wr_count;
   const Args a = member<kGroup>(L, bx, wr_count);
   static_assert(NBPC <= 2, "blocksize 32 takes the register ring");
   constexpr int S = kStreamStages, SB = stage_bytes<NBPC>(), kSlots = stream_slots<NBPC>();
+  constexpr bool kWindowMode = kMode == kStreamCodeWindow;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const uint32_t lane4 = 4u * lane;
@@ -105,6 +129,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
   const char* tbl = reinterpret_cast<const char*>(smem);
   const float offset = a.offset;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
   // What this lane copies per chunk: unit t (k = 32t .. 32t + 31 of the chunk) of rows g and g + 8 (past N: row
   // N - 1; dropped at the store), 4 values of x, and the raw scale(s) of row L & 15, block (L >> 4) + 2·slot.
@@ -120,13 +145,41 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
   const uint16_t* xsrc = static_cast<const uint16_t*>(a.x) + 4 * lane;
   const int blocks_per_row = K >> a.log2_bs;
   const int n_blocks = N * blocks_per_row;
-  const int s_lane = min(tile * kTileRows + (lane & 15), N - 1) * blocks_per_row + (NBPC == 1 ? 0 : lane >> 4);
+  const int row_base = min(tile * kTileRows + (lane & 15), N - 1) * blocks_per_row;  // this lane's row's block 0
+  const int s_lane = row_base + (NBPC == 1 ? 0 : lane >> 4);
   const int log2_bs = a.log2_bs, log2_nbs = a.log2_nested_bs;
   const bool dq = a.codes != nullptr;
+  const bool window = kWindowMode && dq;  // the codes by windows (only double quantization has codes)
+  // the first block of chunk c in its row
+  auto chunk_block = [&](int c) { return NBPC == 1 ? (c * kChunk) >> log2_bs : c * NBPC; };
   // the scale index of (chunk c, slot), or s_lane (a valid index, its value zero-filled) for a block past K
   auto s_idx = [&](int c, int slot, bool& ok) {
     ok = NBPC == 1 || c * kChunk + ((lane >> 4) + 2 * slot) * (kChunk / NBPC) < K;
-    return ok ? s_lane + (NBPC == 1 ? (c * kChunk) >> log2_bs : c * NBPC + 2 * slot) : s_lane;
+    return ok ? s_lane + chunk_block(c) + (NBPC == 1 ? 0 : 2 * slot) : s_lane;
+  };
+
+  // Window i of this warp: the codes of chunks [c_begin + 16i, + 16) of its 16 rows, from each row's aligned word at
+  // or before the first; 4-byte copies, zero past the array.
+  auto copy_window = [&](int i) {
+    const int first = chunk_block(c_begin + kWindowChunks * i);
+    constexpr int kWords = window_words<NBPC>();
+#pragma unroll
+    for (int e0 = 0; e0 < 16 * kWords; e0 += 32) {
+      const int e = e0 + lane, r = e / kWords, word = e % kWords;
+      if (e < 16 * kWords) {
+        const int start = ((min(tile * kTileRows + r, N - 1) * blocks_per_row + first) & ~3) + 4 * word;
+        copy4(smem_s + window_hole(warp, i & 1, r) + 4 * word, a.codes + min(start, n_blocks - 1) / 4 * 4,
+              max(0, min(4, n_blocks - start)));
+      }
+    }
+  };
+  // This lane's code of (chunk c, slot) from its window: byte idx - (the window's aligned start of the row); for a
+  // block past K (ok false: its absmax2 is zero-filled and its x zero, so any code adds 0) the row's first byte.
+  auto window_code = [&](int c, int idx, bool ok) {
+    const int i = (c - c_begin) / kWindowChunks;
+    const int start = (row_base + chunk_block(c_begin + kWindowChunks * i)) & ~3;
+    const char* hole = tbl + window_hole(warp, i & 1, lane & 15);
+    return uint32_t(*reinterpret_cast<const uint8_t*>(hole + (ok ? idx - start : 0)));
   };
 
   // A chunk's copies in two parts: the frozen weights and scales, which a PDL prologue may request before the
@@ -146,8 +199,10 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
       const int idx = s_idx(c, slot, ok);
       const uint32_t dst = base + kStageScales + slot * 256 + 4 * lane;
       if (dq) {
-        const int word = idx & ~3;  // the code's aligned word; the array may end inside it
-        copy4(dst, a.codes + word, min(4, n_blocks - word));
+        if (!window) {
+          const int word = idx & ~3;  // the code's aligned word; the array may end inside it
+          copy4(dst, a.codes + word, min(4, n_blocks - word));
+        }
         copy4(dst + 128, a.absmax2 + (idx >> log2_nbs), ok ? 4 : 0);
       } else {
         copy4(dst + 128, a.absmax + idx, ok ? 4 : 0);
@@ -168,8 +223,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
     read_row<NBPC>(w[1], st, g + 8, t);
     // x in the order of this lane's weight words: k = 2·word_offset, so byte 4·word_offset of the stage's x. Only
     // the lanes of B column 0 (g == 0) read it: columns 1..7 belong to tokens that do not exist and get zeros, which
-    // cuts a 16-byte shared load of all 32 lanes (4 wavefronts) to one of 4 lanes. The L1/shared pipe is the
-    // kernel's busiest unit (79 %, Nsight Compute, benchmarks/README.md).
+    // cuts a 16-byte shared load of all 32 lanes (4 wavefronts) to one of 4 lanes.
     uint4 x[1][4];
 #pragma unroll
     for (int q = 0; q < 4; ++q)
@@ -183,7 +237,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
       if (dq) {
         bool ok;
         const int idx = s_idx(c, slot, ok);
-        s_mine[slot] = dq_scale(map_s, *reinterpret_cast<const uint8_t*>(sc + (idx & 3)), v, offset);
+        const uint32_t code = window ? window_code(c, idx, ok) : *reinterpret_cast<const uint8_t*>(sc + (idx & 3));
+        s_mine[slot] = dq_scale(map_s, code, v, offset);
       } else {
         s_mine[slot] = v;
       }
@@ -192,7 +247,9 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
   };
 
   // The first pair's weights are requested before the table is built, so their latency overlaps the build, and
-  // both before the wait for the previous kernel (a no-op unless launched with PDL); x after it. One commit group.
+  // both before the wait for the previous kernel (a no-op unless launched with PDL); x after it. One commit group,
+  // with the first code window (in the table's holes, which the build does not write).
+  if (window && c_begin < c_end) copy_window(0);
   if (c_begin < c_end) copy_weights(c_begin, 0);
   if (c_begin + 1 < c_end) copy_weights(c_begin + 1, 1);
   build_table<T>(smem, a);
@@ -205,10 +262,13 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
 
   // Pairs of chunks in stages {0, 1} and {2, 3} by turns: pair c, c + 1 is decoded while c + 2, c + 3 (one commit
   // group) is in flight, into the stages the previous pair was read from (every lane is past them: the __syncwarp).
+  // The next code window joins the group of a window's first pair, into the buffer its predecessor's chunks left.
   int stage = 0, c = c_begin;
   for (; c + 1 < c_end; c += 2) {
     if (c + 2 < c_end) copy_chunk(c + 2, stage ^ 2);
     if (c + 3 < c_end) copy_chunk(c + 3, (stage ^ 2) + 1);
+    if (window && (c - c_begin) % kWindowChunks == 0 && c + kWindowChunks < c_end)
+      copy_window((c - c_begin) / kWindowChunks + 1);
     copy_commit();  // possibly empty: the wait below still means "all but the newest group"
     copy_wait<1>();
     __syncwarp();

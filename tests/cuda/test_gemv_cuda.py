@@ -52,7 +52,9 @@ def check(got, x, packed, state, what):
                              f"{bound.reshape(-1)[i].item():.3g})")
 
 
-KERNELS = ("ring", "stream")  # at M = 1 both run; "auto" picks stream there
+# at M = 1 all run; "auto" is stream-window there: the streaming kernel with double-quant codes copied 16 chunks at a
+# time (gemv_stream.cuh, StreamMode)
+KERNELS = ("ring", "stream", "stream-window")
 
 
 def rand_x(m, k, dtype, seed):
@@ -125,6 +127,29 @@ def test_kernel_choice():
     torch.testing.assert_close(got, ops.gemv_4bit(x1, packed, state, kernel="ring"), rtol=0, atol=0)
     with pytest.raises(ValueError, match="kernel must be one of"):
         ops.gemv_4bit(x1, packed, state, kernel="fast")
+
+
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_code_windows_equal_staged_bit_for_bit(blocksize, double_quant):
+    """Copying the codes by windows brings the same bytes, and the decode is the same: y is bit for bit the staged
+    kernel's, in rows and tiles, for every CTA shape (128 rows: one warp runs all of K, 112 chunks = 7 windows,
+    both buffers reused), a partial last chunk (K = 4160) and odd N; "auto" is the windows."""
+    from minqlora import layout
+    for n, k in ((4096, 14336), (37, 4160), (1000, 2048), (48, 768)):
+        if k % blocksize:
+            continue
+        packed, state = make(n, k, blocksize, "nf4", double_quant, seed=n + blocksize)
+        x = rand_x(1, k, torch.bfloat16, seed=k)
+        layouts = [packed] + ([layout.to_tiles(packed, state.shape)] if layout.tiles_apply(state.shape) else [])
+        for rows in (0, 16, 48, 128):
+            want = ops.gemv_4bit(x, packed, state, rows_per_cta=rows, kernel="stream")
+            for p in layouts:
+                for kernel in ("stream-window", "auto"):
+                    got = ops.gemv_4bit(x, p, state, rows_per_cta=rows, kernel=kernel)
+                    torch.testing.assert_close(got, want, rtol=0, atol=0,
+                                               msg=f"{n}x{k} bs={blocksize} rows={rows} {kernel} {p.dim()}-D")
+        check(want, x, packed, state, f"{n}x{k} bs={blocksize}")
 
 
 def test_every_output_written():
