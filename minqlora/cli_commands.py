@@ -23,6 +23,7 @@ import torch
 from . import distributed, report as report_mod
 from .checkpoint import gguf_io, load_pretrained, save_pretrained
 from .data import has_own_chat_template, read_jsonl, record_shape, split_eval
+from .decode import Decoder
 from .generate import GenerationConfig, stream_text
 from .lora import load_adapter, merge_lora, read_adapter_config
 from .lora_fused import set_lora_path
@@ -225,11 +226,17 @@ def cmd_generate(args) -> None:
                               stop_ids=stops, decode=args.decode)
     if args.decode == "graph" and (where := resolve_device(args.device)).type != "cuda":  # before loading anything
         raise UsageError(f"--decode graph needs a CUDA device; this run is on {where} (use auto, static or eager)")
+    if args.lm_head_4bit and args.decode == "eager":  # the readable loop calls the model's own head
+        raise UsageError("--lm-head-4bit runs in the fast decode loop; it does not apply to --decode eager "
+                         "(use auto, static, graph or compile)")
     model, device = load_model(args, args.quantize)
+    # A Decoder of our own only to give it the 4-bit head; otherwise stream_text picks the loop from --decode.
+    decoder = (Decoder(model, 1, len(ids) + args.max_new_tokens, args.decode, lm_head_4bit=True)
+               if args.lm_head_4bit else None)
     generator = torch.Generator(device).manual_seed(args.seed)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     tick = time.perf_counter()
-    for piece in stream_text(model, tokenizer, input_ids, config, generator):
+    for piece in stream_text(model, tokenizer, input_ids, config, generator, decoder):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

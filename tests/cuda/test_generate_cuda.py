@@ -1,6 +1,7 @@
 """The decode step replayed from a CUDA graph (decode.py) against the same step run eagerly and against the readable
 loop (generate.py), on tiny random models on the GPU: bf16 and NF4 (bf16 compute), batch 1 and a left-padded batch
-of 4, with an unmerged LoRA adapter, greedy and seeded sampling, stops inside a chunk, torch.compile, Decoder reuse.
+of 4, with an unmerged LoRA adapter, greedy and seeded sampling, stops inside a chunk, torch.compile, Decoder reuse,
+the Decoder's 4-bit copy of the head (lm_head_4bit) in the decode layout.
 
 A graph replays the very kernels of the eager static step, so their tokens must be identical. The readable loop
 attends over fewer keys with other SDPA kernels; in fp32 its tokens must be identical too, in bf16 they must agree up
@@ -8,12 +9,17 @@ to the first step whose two best logits are within bf16 rounding of each other (
 Capturing also proves the step has no host sync: a sync inside torch.cuda.graph raises.
 """
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from hf_helpers import unit_scale_
+from minqlora import layout
 from minqlora.decode import Decoder
 from minqlora.generate import GenerationConfig, generate
+from minqlora.linear4bit import Linear4bit
 from minqlora.lora import add_lora
 from minqlora.model import Llama
 from test_lora import quantize_projections, randomize_adapters
@@ -91,6 +97,39 @@ def test_graph_tokens_equal_readable_loop_fp32(kind):
     model = model_on_gpu(kind, torch.float32, lora=True)
     ids, mask = prompts(4)
     assert torch.equal(run(model, ids, mask, "graph"), run(model, ids, mask, "eager"))
+
+
+def run_4bit_head(model, ids, mask, mode, **cfg):
+    """Tokens of a Decoder with lm_head_4bit, and the Decoder."""
+    decoder = Decoder(model, ids.shape[0], ids.shape[1] + NEW, mode, lm_head_4bit=True)
+    config = GenerationConfig(max_new_tokens=NEW, **cfg)
+    return generate(model, ids, config, attention_mask=mask, decoder=decoder), decoder
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_graph_tokens_with_the_4bit_head_equal_static(batch):
+    # The head's copy (256 x 128: it tiles) replayed from the graph runs the eager static step's kernels.
+    model = model_on_gpu("nf4", torch.bfloat16, lora=False)
+    ids, mask = prompts(batch)
+    graph, decoder = run_4bit_head(model, ids, mask, "graph", check_every=5)
+    assert layout.is_tiles(decoder.head.weight) and type(model.lm_head) is nn.Linear  # the model keeps its head
+    assert torch.equal(graph, run_4bit_head(model, ids, mask, "static")[0])
+    stops = {int(graph[r, 11 + 4 + 2 * r]) for r in range(batch)}
+    cfg = dict(stop_ids=stops, pad_token_id=0, check_every=7)
+    assert torch.equal(run_4bit_head(model, ids, mask, "graph", **cfg)[0],
+                       run_4bit_head(model, ids, mask, "static", **cfg)[0])
+
+
+def test_graph_tokens_with_the_4bit_head_equal_readable_loop_fp32():
+    # The readable loop on a copy whose head is quantized the same way, in rows (tiles give the same outputs bit for
+    # bit, test_gemv_cuda.py): identical tokens in fp32.
+    model = model_on_gpu("nf4", torch.float32, lora=False)
+    ids, mask = prompts(4)
+    reference = copy.deepcopy(model)  # before the Decoder regroups and tiles the model
+    reference.lm_head = Linear4bit.from_linear(model.lm_head, quant_type="nf4", double_quant=True, blocksize=64,
+                                               compute_dtype=torch.float32)
+    graph, _ = run_4bit_head(model, ids, mask, "graph")
+    assert torch.equal(graph, run(reference, ids, mask, "eager"))
 
 
 def test_graph_sampling_equals_static_with_the_same_seed():
