@@ -18,7 +18,9 @@
 // once (16 rows × up to 36 contiguous bytes: kStreamCodeWindow) into the pair table's unused half: -9 % on
 // 14336x4096, -20 % on 28672x8192, -3 % on 4096x14336 (H200, tiles, bench_gemv.py; benchmarks/README.md). Measured
 // and dropped (git history): the weights and x by TMA bulk copies on per-stage mbarriers, which the LSU does not
-// execute: 2-16 % slower than the windows alone in tiles, 1.5-2.5x slower in rows (16 copies of 64 bytes a chunk).
+// execute: 2-16 % slower than the windows alone in tiles, 1.5-2.5x slower in rows (16 copies of 64 bytes a chunk);
+// and the same windows in the register ring (gemv_kernels.cuh) at 2-16 tokens: 8-17 % slower there than its own
+// per-chunk loads of the codes (a cp.async wait every 16 chunks in a register pipeline, and spills).
 #pragma once
 
 #include "gemv_common.cuh"
