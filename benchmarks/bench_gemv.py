@@ -20,6 +20,7 @@ Usage: python benchmarks/bench_gemv.py [--quick] [--shapes 14336x4096 ...] [--ms
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -40,6 +41,7 @@ SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (28672, 8192
 MS = [1, 2, 4, 8, 16, 32, 64]
 L2_BYTES = 60 * 2**20
 BLOCKSIZE, GROUP = 64, 64
+DOUBLE_QUANT = True  # --no-double-quant: float32 absmax, for both 4-bit stacks
 
 
 def copy_tbs() -> float:
@@ -111,15 +113,16 @@ class Weights:
 
     def __init__(self, n: int, k: int, copies: int):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        packed, state = mq.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", double_quant=True)
+        packed, state = mq.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", double_quant=DOUBLE_QUANT)
         self.mq = [(packed.clone(), state.to("cuda")) for _ in range(copies)]
         for i, (p, st) in enumerate(self.mq):  # distinct scale buffers too
-            self.mq[i] = (p, mq.QuantState(st.absmax.clone(), st.shape, st.dtype, st.blocksize, st.quant_type,
-                                           st.nested_absmax.clone(), st.nested_map.clone(), st.nested_offset,
-                                           st.nested_blocksize))
+            self.mq[i] = (p, dataclasses.replace(
+                st, absmax=st.absmax.clone(),
+                nested_absmax=None if st.nested_absmax is None else st.nested_absmax.clone(),
+                nested_map=None if st.nested_map is None else st.nested_map.clone()))
         # the same bytes in the decode layout (minqlora/layout.py: 1 KB tiles read contiguously)
         self.mq_tiles = [(layout.to_tiles(p, st.shape), st) for p, st in self.mq]
-        bp, bs = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+        bp, bs = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=DOUBLE_QUANT, quant_type="nf4")
         self.bnb = [(bp.clone(), bs) for _ in range(copies)]
         bf16_copies = max(2, -(-3 * L2_BYTES // (2 * n * k)))
         self.bf16 = [w.clone() for _ in range(bf16_copies)]
@@ -128,7 +131,8 @@ class Weights:
         w4 = torch._convert_weight_to_int4pack(q, 8)
         sz = torch.randn(k // GROUP, n, 2, device="cuda", dtype=torch.bfloat16) * 0.01
         self.int4 = [(w4.clone(), sz.clone()) for _ in range(copies)]
-        self.bytes_4bit = packed.numel() + state.absmax.numel() + 4 * state.nested_absmax.numel()
+        self.bytes_4bit = packed.numel() + state.absmax.numel() * state.absmax.element_size() + (
+            0 if state.nested_absmax is None else 4 * state.nested_absmax.numel())
         self.bytes_int4 = n * k // 2 + sz.numel() * 2
         self.bytes_bf16 = 2 * n * k
 
@@ -162,7 +166,7 @@ def run_shape(n: int, k: int, ms, tbs: float) -> list[dict]:
         variants = [("auto", r, "") for r in (16, 32, 64, 128)]
         variants += [("auto", r, "tiles ") for r in (16, 32, 48, 64, 112, 128)]
         variants += [("ring", r, "") for r in (0, 16, 64)] if m == 1 else []
-        # the streaming kernel with the codes copied per chunk (the default copies them by windows; gemv_stream.cuh)
+        # the streaming kernel with the scales copied per chunk (the default copies them by windows; gemv_stream.cuh)
         variants += [("stream", r, lay) for r in (0, 112) for lay in ("", "tiles ")] if m == 1 else []
         for kernel, r, lay in variants if m <= 32 else ():
             calls = [lambda p=p, s=s, r=r, kn=kernel: ops.gemv_4bit(x, p, s, rows_per_cta=r, kernel=kn)
@@ -202,7 +206,8 @@ def overhead() -> dict:
 
 
 def print_table(rows: list[dict], tbs: float) -> None:
-    print(f"\n==== gemm_4bit, NF4+DQ blocksize 64, bf16 x; kernel time (CUDA graph, weights beyond L2); copy {tbs:.2f} "
+    fmt = "NF4+DQ" if DOUBLE_QUANT else "NF4 (float32 absmax)"
+    print(f"\n==== gemm_4bit, {fmt} blocksize 64, bf16 x; kernel time (CUDA graph, weights beyond L2); copy {tbs:.2f} "
           f"TB/s ====")
     hdr = (f"{'N x K':>12} {'M':>3} | {'minqlora':>9} {'TB/s':>5} {'%copy':>5} | {'bnb':>8} {'bf16':>8} {'int4':>8} "
            f"{'dq+mm':>8} | {'x bnb':>6} {'x bf16':>6} {'x int4':>6} | {'eager':>6} {'host':>5} | {'tiles':>8} "
@@ -244,7 +249,11 @@ def main() -> None:
     ap.add_argument("--ms", nargs="+", type=int, metavar="M", help="only these row counts of x")
     ap.add_argument("--out", help="write every figure as JSON here")
     ap.add_argument("--png", help="write the TB/s-vs-M plot here")
+    ap.add_argument("--no-double-quant", action="store_true",
+                    help="float32 absmax instead of double quantization, in both 4-bit stacks")
     args = ap.parse_args()
+    global DOUBLE_QUANT
+    DOUBLE_QUANT = not args.no_double_quant
     torch.manual_seed(0)
     shapes = SHAPES[:1] + SHAPES[2:4] if args.quick else SHAPES
     if args.shapes:

@@ -284,7 +284,7 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, rows_per
 
     rows_per_cta (a multiple of 16 up to 128; 0 = the launcher's choice) sets the CTA shape; kernel picks "ring"
     (the register ring, any M), "stream" (one token, operands streamed through shared memory; at M > 1 the ring
-    runs), "stream-window" (the same with double-quant codes copied 16 chunks at a time; csrc/cuda/gemv_stream.cuh)
+    runs), "stream-window" (the same with the block scales copied 8-16 chunks at a time; csrc/cuda/gemv_stream.cuh)
     or "auto" (stream-window for one token)."""
     kernels = {"auto": 0, "ring": 1, "stream": 2, "stream-window": 3}
     if kernel not in kernels:

@@ -106,9 +106,16 @@ cudaError_t launch_nt(const Args* w, int count, int rows_per_cta, int kernel, cu
     codes_aligned = codes_aligned && (w[i].codes == nullptr || reinterpret_cast<uintptr_t>(w[i].codes) % 4 == 0);
   if constexpr (NBPC <= 2) {
     if (M == 1 && kernel != kGemvRing && codes_aligned) {
-      if (kernel != kGemvStream) {  // auto or windows
+      // auto or windows: of codes if every member is double-quantized, of float32 absmax if none is
+      bool all_dq = true, no_dq = true;
+      for (int i = 0; i < count; ++i) (w[i].codes != nullptr ? no_dq : all_dq) = false;
+      if (kernel != kGemvStream && all_dq) {
         return count > 1 ? launch_stream<T, NBPC, true, gemv::kStreamCodeWindow>(w, count, rows_per_cta, stream)
                          : launch_stream<T, NBPC, false, gemv::kStreamCodeWindow>(w, count, rows_per_cta, stream);
+      }
+      if (kernel != kGemvStream && no_dq) {
+        return count > 1 ? launch_stream<T, NBPC, true, gemv::kStreamFloatWindow>(w, count, rows_per_cta, stream)
+                         : launch_stream<T, NBPC, false, gemv::kStreamFloatWindow>(w, count, rows_per_cta, stream);
       }
       return count > 1 ? launch_stream<T, NBPC, true, gemv::kStreamStaged>(w, count, rows_per_cta, stream)
                        : launch_stream<T, NBPC, false, gemv::kStreamStaged>(w, count, rows_per_cta, stream);

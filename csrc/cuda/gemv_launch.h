@@ -29,10 +29,10 @@ struct GemvArgs {
   bool tiles;              // packed in tiles (N % 16 == 0, K % 128 == 0: the caller checks)
 };
 
-// Which kernel: the launcher's choice (for one token the streaming one, gemv_stream.cuh, with code windows), the
-// register ring (gemv_kernels.cuh) at any M, or the streaming kernel with the codes copied per chunk (kGemvStream)
+// Which kernel: the launcher's choice (for one token the streaming one, gemv_stream.cuh, with scale windows), the
+// register ring (gemv_kernels.cuh) at any M, or the streaming kernel with the scales copied per chunk (kGemvStream)
 // or by windows (kGemvStreamWindow; gemv_stream.cuh's StreamMode). The streaming kernel needs M == 1; asked for at
-// another M, the ring runs. Windows apply to double-quantized weights (only they have codes).
+// another M, the ring runs.
 enum GemvKernel { kGemvAuto = 0, kGemvRing = 1, kGemvStream = 2, kGemvStreamWindow = 3 };
 
 // t is kBF16 or kF16. rows_per_cta: 16·wr output features per CTA (wr = 1..8; a wr that does not divide 8 leaves

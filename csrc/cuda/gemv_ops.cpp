@@ -56,7 +56,7 @@ at::Tensor gemv_4bit_cuda(const at::Tensor& x_in, const at::Tensor& packed_in, c
               "gemv_4bit: rows_per_cta must be 0 (automatic) or a multiple of 16 up to 128, got ", rows_per_cta);
   TORCH_CHECK(kernel >= cuda::kGemvAuto && kernel <= cuda::kGemvStreamWindow,
               "gemv_4bit: kernel must be 0 (automatic), 1 (register ring), 2 (one-token streaming, codes per chunk) "
-              "or 3 (one-token streaming, code windows), got ", kernel);
+              "or 3 (one-token streaming, scale windows), got ", kernel);
   check_cuda(x_in, "x");
   check_cuda(packed_in, "packed");
   check_same_device(x_in, packed_in, "x", "packed");

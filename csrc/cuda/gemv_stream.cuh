@@ -14,9 +14,10 @@
 // Where the L1 pipe's time goes (Nsight Compute, 14336x4096 in tiles, kStreamStaged): 89 LSU wavefronts per warp and
 // 1 KB chunk, 49 of them shared loads (32 pair-table lookups, the staged weights, x and scales) and ~37 the cp.async
 // copies, of which the block scales' are the costliest per byte: 32 lanes gather one code word from each of 16
-// rows, 16 cache lines for 32 bytes. So with double quantization each warp copies its rows' codes for 16 chunks at
-// once (16 rows × up to 36 contiguous bytes: kStreamCodeWindow) into the pair table's unused half: -9 % on
-// 14336x4096, -20 % on 28672x8192, -3 % on 4096x14336 (H200, tiles, bench_gemv.py; benchmarks/README.md). Measured
+// rows, 16 cache lines for 32 bytes. So each warp copies its rows' raw scales for a run of chunks at once
+// (kStreamCodeWindow: codes for 16 chunks, 16 rows × up to 36 contiguous bytes; float32 absmax for 8, up to 64) into
+// the pair table's unused half. With double quantization: -9 % on 14336x4096, -20 % on 28672x8192, -3 % on
+// 4096x14336 (H200, tiles, bench_gemv.py; benchmarks/README.md). Measured
 // and dropped (git history): the weights and x by TMA bulk copies on per-stage mbarriers, which the LSU does not
 // execute: 2-16 % slower than the windows alone in tiles, 1.5-2.5x slower in rows (16 copies of 64 bytes a chunk);
 // and the same windows in the register ring (gemv_kernels.cuh) at 2-16 tokens: 8-17 % slower there than its own
@@ -36,15 +37,19 @@ namespace gemv {
 // -> 4 accumulating MMAs a block): with one chunk per step and 4 warps per scheduler, short scoreboard and fixed-
 // latency waits were 40 % of the stalls (Nsight Compute, 14336x4096).
 constexpr int kStreamStages = 4;
-// How the codes reach the ring (the header): per chunk with the other operands, or by windows of 16 chunks.
-enum StreamMode { kStreamStaged = 0, kStreamCodeWindow = 1 };
-// Code windows: 16 chunks of one row's codes (up to 32 bytes at blocksize 64, 16 at 128+, plus up to 3 of word
-// alignment) in one 128-byte hole of the pair table (the words 32..63 of a byte value's row, which lookups never
-// read): hole (warp, buffer, r) = table row (2·warp + buffer)·16 + r, the data 4·r bytes in, so the 16 rows of a
-// lane's reads sit in 16 different banks. 8 warps × 2 buffers × 16 rows = the 256 holes.
-constexpr int kWindowChunks = 16;
+// How the block scales reach the ring (the header): per chunk with the other operands, or by windows of codes (double
+// quantization) or of float32 absmax. The launcher picks the window kind from the weights; a kernel asked for one
+// the weights do not have copies per chunk.
+enum StreamMode { kStreamStaged = 0, kStreamCodeWindow = 1, kStreamFloatWindow = 2 };
+// Scale windows: a run of chunks of one row's raw scales in one 128-byte hole of the pair table (the words 32..63 of
+// a byte value's row, which lookups never read): hole (warp, buffer, r) = table row (2·warp + buffer)·16 + r, the
+// data 4·r bytes in, so the 16 rows of a lane's reads sit in 16 different banks; 8 warps × 2 buffers × 16 rows =
+// the 256 holes. Double quantization: 16 chunks of codes (up to 32 bytes at blocksize 64, 16 at 128+, plus up to 3
+// of word alignment; absmax2 still comes per chunk, one value for several rows). float32 absmax: 8 chunks, up to 64
+// bytes.
 template <int NBPC>
-constexpr int window_words() { return (3 + kWindowChunks * NBPC + 3) / 4; }
+constexpr int window_words(bool dq) { return dq ? (3 + 16 * NBPC + 3) / 4 : 8 * NBPC; }
+static_assert(4 * 15 + 4 * 16 <= 128, "a row's window fits its hole");
 __device__ __forceinline__ int window_hole(int warp, int buffer, int r) {
   return ((2 * warp + buffer) * 16 + r) * (kRowWords * 4) + 128 + 4 * r;
 }
@@ -104,10 +109,28 @@ __device__ __forceinline__ void read_row(uint32_t (&w)[4], const char* stage, in
   }
 }
 
+// One window's copies (see window_words): row r of the tile (past N, row N - 1) from block `first`, as kWords 4-byte
+// words; codes (one byte a block) from the row's aligned word at or before it, float32 absmax from it. src / bytes:
+// the array and its size in bytes; zero past its end.
+template <int kWords, bool kCodes>
+__device__ __forceinline__ void copy_scale_window(uint32_t smem_s, int warp, int buffer, int lane, int tile, int N,
+                                                  int blocks_per_row, int first, const uint8_t* src, int bytes) {
+#pragma unroll
+  for (int e0 = 0; e0 < 16 * kWords; e0 += 32) {
+    const int e = e0 + lane, r = e / kWords, word = e % kWords;
+    if (e < 16 * kWords) {
+      const int row0 = min(tile * kTileRows + r, N - 1) * blocks_per_row + first;
+      const int start = kCodes ? (row0 & ~3) + 4 * word : 4 * (row0 + word);
+      copy4(smem_s + window_hole(warp, buffer, r) + 4 * word, src + min(start, bytes - 1) / 4 * 4,
+            max(0, min(4, bytes - start)));
+    }
+  }
+}
+
 // x (1, K) T; W rows 16·wr_count from bx·16·wr_count (bx: the CTA's index among its weight's); warp w computes row
 // tile w % wr_count over the chunks split w / wr_count of 8 / wr_count (the partial last chunk included: its missing
-// blocks arrive as zero x and zero scales, so they add exactly 0). Needs a.codes 4-byte aligned (the launcher
-// checks); kStreamBulk also needs K % 128 == 0 (no partial chunk: a bulk copy does not zero-fill).
+// blocks arrive as zero x and zero or finite scales, so they add exactly 0). Needs a.codes 4-byte aligned (the
+// launcher checks).
 template <typename T, int NBPC, bool kGroup, int kMode>
 __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Launch L) {
   extern __shared__ __align__(16) uint32_t smem[];
@@ -115,7 +138,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
   const Args a = member<kGroup>(L, bx, wr_count);
   static_assert(NBPC <= 2, "blocksize 32 takes the register ring");
   constexpr int S = kStreamStages, SB = stage_bytes<NBPC>(), kSlots = stream_slots<NBPC>();
-  constexpr bool kWindowMode = kMode == kStreamCodeWindow;
+  constexpr bool kCodeWin = kMode == kStreamCodeWindow, kFloatWin = kMode == kStreamFloatWindow;
+  constexpr int kLog2Win = kCodeWin ? 4 : 3, kWinChunks = 1 << kLog2Win;  // chunks a window covers
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const uint32_t lane4 = 4u * lane;
@@ -151,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
   const int s_lane = row_base + (NBPC == 1 ? 0 : lane >> 4);
   const int log2_bs = a.log2_bs, log2_nbs = a.log2_nested_bs;
   const bool dq = a.codes != nullptr;
-  const bool window = kWindowMode && dq;  // the codes by windows (only double quantization has codes)
+  const bool window = kCodeWin ? dq : kFloatWin && !dq;
   // the first block of chunk c in its row
   auto chunk_block = [&](int c) { return NBPC == 1 ? (c * kChunk) >> log2_bs : c * NBPC; };
   // the scale index of (chunk c, slot), or s_lane (a valid index, its value zero-filled) for a block past K
@@ -160,28 +184,26 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
     return ok ? s_lane + chunk_block(c) + (NBPC == 1 ? 0 : 2 * slot) : s_lane;
   };
 
-  // Window i of this warp: the codes of chunks [c_begin + 16i, + 16) of its 16 rows, from each row's aligned word at
-  // or before the first; 4-byte copies, zero past the array.
+  // Window i of this warp: the raw scales of chunks [c_begin + i·kWinChunks, + kWinChunks) of its 16 rows.
   auto copy_window = [&](int i) {
-    const int first = chunk_block(c_begin + kWindowChunks * i);
-    constexpr int kWords = window_words<NBPC>();
-#pragma unroll
-    for (int e0 = 0; e0 < 16 * kWords; e0 += 32) {
-      const int e = e0 + lane, r = e / kWords, word = e % kWords;
-      if (e < 16 * kWords) {
-        const int start = ((min(tile * kTileRows + r, N - 1) * blocks_per_row + first) & ~3) + 4 * word;
-        copy4(smem_s + window_hole(warp, i & 1, r) + 4 * word, a.codes + min(start, n_blocks - 1) / 4 * 4,
-              max(0, min(4, n_blocks - start)));
-      }
+    const int first = chunk_block(c_begin + i * kWinChunks);
+    if constexpr (kCodeWin) {
+      copy_scale_window<window_words<NBPC>(true), true>(smem_s, warp, i & 1, lane, tile, N, blocks_per_row, first,
+                                                        a.codes, n_blocks);
+    } else {
+      copy_scale_window<window_words<NBPC>(false), false>(smem_s, warp, i & 1, lane, tile, N, blocks_per_row, first,
+                                                          reinterpret_cast<const uint8_t*>(a.absmax), 4 * n_blocks);
     }
   };
-  // This lane's code of (chunk c, slot) from its window: byte idx - (the window's aligned start of the row); for a
-  // block past K (ok false: its absmax2 is zero-filled and its x zero, so any code adds 0) the row's first byte.
-  auto window_code = [&](int c, int idx, bool ok) {
-    const int i = (c - c_begin) / kWindowChunks;
-    const int start = (row_base + chunk_block(c_begin + kWindowChunks * i)) & ~3;
+  // This lane's raw scale of block idx of chunk c from its window: the code byte idx - (the row's aligned start), or
+  // the float idx - (the row's first block). A block past K (ok false: its x is zero, so any finite scale adds 0)
+  // reads the window's first unit.
+  auto window_unit = [&](int c, int idx, bool ok) {
+    const int i = (c - c_begin) >> kLog2Win;
+    const int first = row_base + chunk_block(c_begin + i * kWinChunks);
     const char* hole = tbl + window_hole(warp, i & 1, lane & 15);
-    return uint32_t(*reinterpret_cast<const uint8_t*>(hole + (ok ? idx - start : 0)));
+    if constexpr (kCodeWin) return uint32_t(*reinterpret_cast<const uint8_t*>(hole + (ok ? idx - (first & ~3) : 0)));
+    else return *reinterpret_cast<const uint32_t*>(hole + (ok ? 4 * (idx - first) : 0));
   };
 
   // A chunk's copies in two parts: the frozen weights and scales, which a PDL prologue may request before the
@@ -206,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
           copy4(dst, a.codes + word, min(4, n_blocks - word));
         }
         copy4(dst + 128, a.absmax2 + (idx >> log2_nbs), ok ? 4 : 0);
-      } else {
+      } else if (!window) {
         copy4(dst + 128, a.absmax + idx, ok ? 4 : 0);
       }
     }
@@ -236,13 +258,13 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
     for (int slot = 0; slot < kSlots; ++slot) {
       const char* sc = st + kStageScales + slot * 256 + 4 * lane;
       const float v = *reinterpret_cast<const float*>(sc + 128);
+      bool ok;
+      const int idx = s_idx(c, slot, ok);
       if (dq) {
-        bool ok;
-        const int idx = s_idx(c, slot, ok);
-        const uint32_t code = window ? window_code(c, idx, ok) : *reinterpret_cast<const uint8_t*>(sc + (idx & 3));
+        const uint32_t code = window ? window_unit(c, idx, ok) : *reinterpret_cast<const uint8_t*>(sc + (idx & 3));
         s_mine[slot] = dq_scale(map_s, code, v, offset);
       } else {
-        s_mine[slot] = v;
+        s_mine[slot] = window ? __uint_as_float(window_unit(c, idx, ok)) : v;
       }
     }
     chunk_mma<T, NBPC, 1>(out, w, x, s_mine, tbl, lane4, g);
@@ -250,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
 
   // The first pair's weights are requested before the table is built, so their latency overlaps the build, and
   // both before the wait for the previous kernel (a no-op unless launched with PDL); x after it. One commit group,
-  // with the first code window (in the table's holes, which the build does not write).
+  // with the first scale window (in the table's holes, which the build does not write).
   if (window && c_begin < c_end) copy_window(0);
   if (c_begin < c_end) copy_weights(c_begin, 0);
   if (c_begin + 1 < c_end) copy_weights(c_begin + 1, 1);
@@ -264,13 +286,13 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_4bit_stream_kernel(const Lau
 
   // Pairs of chunks in stages {0, 1} and {2, 3} by turns: pair c, c + 1 is decoded while c + 2, c + 3 (one commit
   // group) is in flight, into the stages the previous pair was read from (every lane is past them: the __syncwarp).
-  // The next code window joins the group of a window's first pair, into the buffer its predecessor's chunks left.
+  // The next scale window joins the group of a window's first pair, into the buffer its predecessor's chunks left.
   int stage = 0, c = c_begin;
   for (; c + 1 < c_end; c += 2) {
     if (c + 2 < c_end) copy_chunk(c + 2, stage ^ 2);
     if (c + 3 < c_end) copy_chunk(c + 3, (stage ^ 2) + 1);
-    if (window && (c - c_begin) % kWindowChunks == 0 && c + kWindowChunks < c_end)
-      copy_window((c - c_begin) / kWindowChunks + 1);
+    if (window && (c - c_begin) % kWinChunks == 0 && c + kWinChunks < c_end)
+      copy_window((c - c_begin) / kWinChunks + 1);
     copy_commit();  // possibly empty: the wait below still means "all but the newest group"
     copy_wait<1>();
     __syncwarp();

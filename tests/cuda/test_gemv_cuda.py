@@ -52,7 +52,7 @@ def check(got, x, packed, state, what):
                              f"{bound.reshape(-1)[i].item():.3g})")
 
 
-# at M = 1 all run; "auto" is stream-window there: the streaming kernel with double-quant codes copied 16 chunks at a
+# at M = 1 all run; "auto" is stream-window there: the streaming kernel with the block scales copied 8-16 chunks at a
 # time (gemv_stream.cuh, StreamMode)
 KERNELS = ("ring", "stream", "stream-window")
 
@@ -131,10 +131,11 @@ def test_kernel_choice():
 
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_code_windows_equal_staged_bit_for_bit(blocksize, double_quant):
-    """Copying the codes by windows brings the same bytes, and the decode is the same: y is bit for bit the staged
-    kernel's, in rows and tiles, for every CTA shape (128 rows: one warp runs all of K, 112 chunks = 7 windows,
-    both buffers reused), a partial last chunk (K = 4160) and odd N; "auto" is the windows."""
+def test_scale_windows_equal_staged_bit_for_bit(blocksize, double_quant):
+    """Copying the block scales by windows (codes 16 chunks at a time, float32 absmax 8) brings the same bytes, and the
+    decode is the same: y is bit for bit the staged kernel's, in rows and tiles, for every CTA shape (128 rows: one
+    warp runs all of K, 112 chunks = 7 / 14 windows, both buffers reused), a partial last chunk (K = 4160) and odd N;
+    "auto" is the windows."""
     from minqlora import layout
     for n, k in ((4096, 14336), (37, 4160), (1000, 2048), (48, 768)):
         if k % blocksize:
