@@ -1,7 +1,7 @@
 // gemm_4bit and gemm_4bit_grad_input for every backend without a fused kernel of its own: dequantize the whole
 // weight to the activation dtype through the dequantize_4bit op (so each backend's kernel is used), then one
-// matmul. This is bitsandbytes' MatMul4Bit strategy (bnb-format.md §5), the CPU path, and on CUDA the path for many
-// rows (cuda/gemv_ops.cpp dispatches few rows to the fused kernel and the rest here). Registered as
+// matmul. This is bitsandbytes' MatMul4Bit strategy (bnb-format.md §5), and on the CPU and CUDA the path for many
+// rows (cpu/gemv.cpp and cuda/gemv_ops.cpp take few rows to their fused loops and send the rest here). Registered as
 // CompositeExplicitAutograd: autograd comes from ops.py (register_autograd).
 
 #include <ATen/ATen.h>

@@ -240,8 +240,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
 def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """y = x · dequant(W)ᵀ for W of state.shape (N, K): x (..., K) -> y (..., N), differentiable in x only.
 
-    On CUDA, few rows of bf16/fp16 x (up to 32, csrc/cuda/gemv_ops.cpp) run the fused 4-bit kernel; more rows,
-    other dtypes and the CPU dequantize the weight and call a matmul."""
+    On CUDA, few rows of bf16/fp16 x (up to 32, csrc/cuda/gemv_ops.cpp) run the fused 4-bit kernel; on the CPU up
+    to 8 rows (4 without AVX2) decode the weight a block at a time into each dot product (csrc/cpu/gemv.cpp); more
+    rows and other dtypes dequantize the weight and call a matmul."""
     return gemm_4bit_args(x, weight_args(packed, state))
 
 

@@ -20,4 +20,6 @@ python -m pytest -q "$@"
 if [ $# -eq 0 ]; then
   # The portable scalar kernels (CPUs without AVX-512) against the same reference, byte for byte.
   MINQLORA_DISABLE_AVX512=1 python -m pytest -q tests/test_quant.py tests/test_ops.py tests/test_quant_bnb.py
+  # The portable few-row gemm_4bit loop (CPUs without AVX2) against the same reference.
+  MINQLORA_DISABLE_AVX2=1 python -m pytest -q tests/test_gemv_cpu.py
 fi

@@ -26,6 +26,7 @@
 #endif
 
 #include "../common.h"
+#include "absmax.h"
 #include "quant_avx512.h"
 
 namespace minqlora {
@@ -156,20 +157,7 @@ at::Tensor empty_output(c10::IntArrayRef shape, const at::TensorOptions& options
   return out;
 }
 
-// quant.decode_absmax_ref for one block: plain float32, or map[code] * absmax2 + offset with two roundings.
-struct AbsmaxDecoder {
-  const float* am;       // plain absmax, or nullptr when double-quantized
-  const uint8_t* codes;  // double quantization: 8-bit codes, absmax2 per 2^nested_shift blocks, map and offset
-  const float* am2;
-  const float* map;
-  float offset;
-  int nested_shift;  // log2(nested_blocksize): a shift, not a 64-bit division per block (~25 cycles each)
-  float operator()(int64_t b) const {
-    if (codes == nullptr) return am[b];
-    return map[codes[b]] * am2[b >> nested_shift] + offset;  // two roundings: -ffp-contract=off
-  }
-};
-
+// quant.dequantize_ref; the block scales as quant.decode_absmax_ref (absmax.h).
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& absmax,
                                const c10::optional<at::Tensor>& nested_absmax,
                                const c10::optional<at::Tensor>& nested_map, double nested_offset, int64_t blocksize,
@@ -183,14 +171,8 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed_in, const at::Tensor& ab
   at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
   const float* table = qt == kNF4 ? kNF4Table : kFP4Table;
   const uint8_t* in = packed.data_ptr<uint8_t>();
-  const bool nested = nested_absmax.has_value();
-  int nested_shift = 0;  // nested_blocksize is a checked power of two when nested
-  while (nested && (int64_t{1} << nested_shift) < nested_blocksize) ++nested_shift;
-  const AbsmaxDecoder block_scale{nested ? nullptr : absmax.data_ptr<float>(),
-                                  nested ? absmax.data_ptr<uint8_t>() : nullptr,
-                                  nested ? nested_absmax->data_ptr<float>() : nullptr,
-                                  nested ? nested_map->data_ptr<float>() : nullptr, static_cast<float>(nested_offset),
-                                  nested_shift};
+  const AbsmaxDecoder block_scale =
+      make_absmax_decoder(absmax, nested_absmax, nested_map, nested_offset, nested_blocksize);
   const int64_t nb = ceil_div(n, blocksize);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_4bit_cpu", [&] {
