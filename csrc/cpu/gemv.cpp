@@ -61,7 +61,7 @@ void block_lut(const float* table, float a, float* lut) {
 
 #ifdef MQ_HAVE_AVX2
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* x, const uint8_t* w, scalar_t* y, int64_t M,
+__attribute__((target("avx2,fma,f16c"))) void gemv_rows_avx2(const float* x, const uint8_t* w, scalar_t* y, int64_t M,
                                                         int64_t N, int64_t K, int64_t blocksize, const float* table,
                                                         const AbsmaxDecoder& block_scale, int64_t n0, int64_t n1) {
   const int64_t blocks_per_row = K / blocksize;
@@ -69,9 +69,9 @@ __attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* x, const ui
     __m256 acc[kFusedMaxRows];
     for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks_per_row; ++b) {
-      float lut[16];
-      block_lut<scalar_t>(table, block_scale(n * blocks_per_row + b), lut);
-      avx2::block_dot(lut, w + (n * K + b * blocksize) / 2, x, K, b * blocksize, blocksize, M, acc);
+      __m256 lut_lo, lut_hi;
+      avx2::block_lut<scalar_t>(table, block_scale(n * blocks_per_row + b), lut_lo, lut_hi);
+      avx2::block_dot(lut_lo, lut_hi, w + (n * K + b * blocksize) / 2, x, K, b * blocksize, blocksize, M, acc);
     }
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<scalar_t>(avx2::reduce8(acc[m]));
   }

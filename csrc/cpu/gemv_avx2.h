@@ -1,11 +1,11 @@
-// AVX2 + FMA inner loop of the CPU few-row gemm_4bit (gemv.cpp), for CPUs that have them (checked once at run time;
-// functions carry __attribute__((target)) so the extension still loads on any x86-64). Same math as gemv.cpp's
-// portable loop: per weight row and block, the block's 16 possible values (already rounded to x's dtype) are looked up
-// by nibble, here 8 at a time with two in-register permutes (vpermps: the low 3 bits of each index pick one of 8
-// floats) and a blend on the index's bit 3, then multiplied into 8-wide float32 sums per row of x. The portable loop
-// spends about 1 ns a weight on its scalar lookups on the 2-core AVX2 workstation; this one about a tenth of that.
-// Sums: FMA, 8 lanes, the same lane order as the portable loop but fused multiply-adds, so the two paths agree to
-// float32 rounding, not bit for bit (and neither is bit for bit the composite dequantize + matmul).
+// AVX2 + FMA (+ F16C) inner loop of the CPU few-row gemm_4bit (gemv.cpp), for CPUs that have them (checked once
+// at run time; functions carry __attribute__((target)) so the extension still loads on any x86-64). Same math as
+// gemv.cpp's portable loop: per weight row and block, the block's 16 possible values (rounded to x's dtype) are
+// looked up by nibble, here 8 at a time with two in-register permutes (vpermps: the low 3 bits of each index pick
+// one of 8 floats) and a blend on the index's bit 3, then multiplied into 8-wide float32 sums per row of x. The
+// portable loop spends about 1 ns a weight on its scalar lookups on the 2-core AVX2 workstation; this one about a
+// third of that. Sums: FMA, 8 lanes, the same lane order as the portable loop but fused multiply-adds, so the two
+// paths agree to float32 rounding, not bit for bit (and neither is bit for bit the composite dequantize + matmul).
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -13,12 +13,44 @@
 
 #include <immintrin.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <type_traits>
 
 namespace minqlora {
 namespace avx2 {
 
-inline bool supported() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+inline bool supported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+// v rounded to T and back, as static_cast<float>(static_cast<T>(v)) for finite v (c10's conversions round to
+// nearest even; they differ from these only in NaN payloads): the scalar conversions of a block's 16 values cost
+// about as much as decoding the block (bf16 x took 1.7x float32's time before this).
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 round_to(__m256 v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000u))));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
+}
+
+// A block's 16 possible weights, table · a rounded to T (gemv.cpp's block_lut), as two vectors of 8.
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) inline void block_lut(const float* table, float a, __m256& lo,
+                                                               __m256& hi) {
+  const __m256 s = _mm256_set1_ps(a);
+  lo = round_to<T>(_mm256_mul_ps(_mm256_loadu_ps(table), s));
+  hi = round_to<T>(_mm256_mul_ps(_mm256_loadu_ps(table + 8), s));
+}
 
 // 16 weights (8 packed bytes at src, element 2j in byte j's high nibble) as two vectors of 8 floats from lut.
 __attribute__((target("avx2,fma"))) inline void decode16(const uint8_t* src, __m256 lut_lo, __m256 lut_hi,
@@ -35,12 +67,11 @@ __attribute__((target("avx2,fma"))) inline void decode16(const uint8_t* src, __m
                         _mm256_castsi256_ps(_mm256_slli_epi32(i1, 28)));
 }
 
-// acc[m] (8 partial sums each) += block · x[m, k0 : k0 + blocksize] for m < M; lut: the block's 16 values; w: its
-// blocksize / 2 bytes; blocksize a multiple of 16.
-__attribute__((target("avx2,fma"))) inline void block_dot(const float* lut, const uint8_t* w, const float* x,
-                                                          int64_t K, int64_t k0, int64_t blocksize, int64_t M,
-                                                          __m256* acc) {
-  const __m256 lut_lo = _mm256_loadu_ps(lut), lut_hi = _mm256_loadu_ps(lut + 8);
+// acc[m] (8 partial sums each) += block · x[m, k0 : k0 + blocksize] for m < M; lut_lo / lut_hi: the block's 16
+// values; w: its blocksize / 2 bytes; blocksize a multiple of 16.
+__attribute__((target("avx2,fma"))) inline void block_dot(__m256 lut_lo, __m256 lut_hi, const uint8_t* w,
+                                                          const float* x, int64_t K, int64_t k0, int64_t blocksize,
+                                                          int64_t M, __m256* acc) {
   for (int64_t j = 0; j < blocksize; j += 16) {
     __m256 w0, w1;
     decode16(w + j / 2, lut_lo, lut_hi, w0, w1);
